@@ -1,0 +1,78 @@
+"""``npmguard restore``: write keychain values back into the config files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from npmguard.commands.common import discover, display_path
+from npmguard.commands.secure import secured_registries
+from npmguard.errors import NpmguardError
+from npmguard.inject.helpers import sync_token_helpers
+from npmguard.migrate import load_index, recover, restore_file, state_lock
+from npmguard.npmrc.locate import user_config_path
+from npmguard.vault import open_default_store
+
+
+def run(args: argparse.Namespace) -> int:
+    failed = False
+    with state_lock():
+        store = open_default_store()
+        for message in recover(lambda: store):
+            print(message)
+        targets = _targets(args.paths)
+        restored = 0
+        for path in targets:
+            try:
+                result = restore_file(path, store, dry_run=args.dry_run)
+            except NpmguardError as err:
+                print(f"npmguard: {err}", file=sys.stderr)
+                failed = True
+                continue
+            for finding in result.moved:
+                verb = "would restore" if args.dry_run else "restored"
+                print(f"{verb} {finding.kind} for {finding.registry or '-'} at "
+                      f"{display_path(finding.path)}:{finding.line}")
+            restored += len(result.moved)
+        if not args.dry_run:
+            user = user_config_path(os.environ)
+            if user.exists():
+                try:
+                    for message in sync_token_helpers(user, secured_registries()):
+                        print(message)
+                except NpmguardError as err:
+                    print(f"npmguard: {err}", file=sys.stderr)
+                    failed = True
+    if restored == 0 and not failed:
+        print("Nothing to restore.")
+    return 2 if failed else 0
+
+
+def _targets(paths: list[str]) -> list[Path]:
+    """Return the files to restore: the given ones, else every secured file."""
+    seen: set[str] = set()
+    result: list[Path] = []
+
+    def add(path: Path) -> None:
+        key = os.path.realpath(path)
+        if key not in seen and path.exists():
+            seen.add(key)
+            result.append(path)
+
+    if paths:
+        for text in paths:
+            path = Path(text)
+            if path.is_dir():
+                for located in discover([text]).files:
+                    if located.level == "project":
+                        add(located.path)
+            else:
+                add(path)
+        return result
+    for meta in load_index().values():
+        add(Path(str(meta["path"])))
+    for located in discover([]).files:
+        add(located.path)
+    return result

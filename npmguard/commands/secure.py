@@ -1,0 +1,77 @@
+"""``npmguard secure``: move plaintext credentials into the keychain."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from npmguard.commands.common import discover, display_path
+from npmguard.errors import NpmguardError
+from npmguard.inject.helpers import sync_token_helpers
+from npmguard.migrate import load_index, recover, secure_file, state_lock
+from npmguard.npmrc.locate import user_config_path
+from npmguard.vault import open_default_store
+
+# pnpm's token helper can hand out these kinds as an Authorization header.
+HELPER_KINDS = ("_authToken", "_auth", "_password")
+
+
+def run(args: argparse.Namespace) -> int:
+    discovery = discover(args.paths)
+    failed = False
+    for path, message in discovery.errors:
+        print(f"npmguard: {path}: {message}", file=sys.stderr)
+        failed = True
+
+    with state_lock():
+        store = None if args.dry_run else open_default_store()
+        if store is not None:
+            for message in recover(lambda: store):
+                print(message)
+        moved = 0
+        for located in discovery.files:
+            try:
+                result = secure_file(located.path, store, dry_run=args.dry_run)  # type: ignore[arg-type]
+            except NpmguardError as err:
+                print(f"npmguard: {err}", file=sys.stderr)
+                failed = True
+                continue
+            for finding in result.moved:
+                verb = "would secure" if args.dry_run else "secured"
+                print(
+                    f"{verb} {finding.kind} for {finding.registry or '-'} at "
+                    f"{display_path(finding.path)}:{finding.line} "
+                    f"(fingerprint {finding.fingerprint})"
+                )
+            moved += len(result.moved)
+
+        if not args.dry_run and _want_helpers(args.token_helper):
+            try:
+                for message in sync_token_helpers(
+                    user_config_path(os.environ), secured_registries()
+                ):
+                    print(message)
+            except NpmguardError as err:
+                print(f"npmguard: {err}", file=sys.stderr)
+                failed = True
+
+    if moved == 0 and not failed:
+        print("No plaintext credentials found; nothing to do.")
+    return 2 if failed else 0
+
+
+def _want_helpers(mode: str) -> bool:
+    if mode == "never":
+        return False
+    return mode == "always" or shutil.which("pnpm") is not None
+
+
+def secured_registries() -> set[str]:
+    return {
+        str(meta["registry"])
+        for meta in load_index().values()
+        if str(meta.get("registry", "")).startswith("//")
+        and meta.get("kind") in HELPER_KINDS
+    }

@@ -1,0 +1,192 @@
+"""Reading config files defensively and replacing them atomically."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from npmguard.errors import ConfigFileError, FileChangedError
+from npmguard.npmrc.ini import Document
+
+# npm config files are a few hundred bytes; anything this large is not one.
+MAX_CONFIG_BYTES = 1024 * 1024
+TEMP_SUFFIX = ".npmguard-tmp"
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A config file as read from disk.
+
+    ``path`` is the name the user knows; ``target`` is the regular file
+    behind it after following symlinks, which is what gets rewritten so
+    that a symlinked ``~/.npmrc`` stays a symlink.
+    """
+
+    path: Path
+    target: Path
+    data: bytes
+    document: Document
+    mode: int
+    uid: int
+    gid: int
+
+
+def read_config(path: Path) -> ConfigFile:
+    """Read and parse one config file, or raise a one-line ``ConfigFileError``."""
+    try:
+        target = Path(os.path.realpath(path, strict=True))
+        info = os.stat(target)
+    except OSError as err:
+        raise ConfigFileError(_os_reason(err), path=path) from err
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigFileError("not a regular file", path=path)
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigFileError(
+            f"file is {info.st_size} bytes, over the {MAX_CONFIG_BYTES}-byte "
+            "limit for a config file; not read",
+            path=path,
+        )
+    try:
+        with open(target, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigFileError(_os_reason(err), path=path) from err
+    return ConfigFile(
+        path=path,
+        target=target,
+        data=data,
+        document=parse_bytes(data, path),
+        mode=stat.S_IMODE(info.st_mode),
+        uid=info.st_uid,
+        gid=info.st_gid,
+    )
+
+
+def parse_bytes(data: bytes, path: Path) -> Document:
+    if b"\x00" in data:
+        line = data.count(b"\n", 0, data.index(b"\x00")) + 1
+        raise ConfigFileError("binary data (NUL byte); not a config file", path=path,
+                              line=line)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigFileError(
+            f"not valid UTF-8 (byte 0x{data[err.start]:02x}); npm would "
+            "misread it, so it is left alone",
+            path=path,
+            line=line,
+        ) from err
+    return Document.from_text(text)
+
+
+def _os_reason(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "symlink loop"
+    if err.errno == errno.ENOENT:
+        return "file not found"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return err.strerror or type(err).__name__
+
+
+def temp_path_for(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{tag}{TEMP_SUFFIX}")
+
+
+def replace_file(original: ConfigFile, new_data: bytes, tag: str) -> None:
+    """Replace ``original.target`` with ``new_data`` atomically.
+
+    The order keeps the old content recoverable until the new one is
+    durable: write a temp file in the same directory with the same mode
+    and owner, fsync it, check the file still holds what was read, rename
+    over it, then fsync the directory. Raises ``FileChangedError`` (and
+    leaves the file alone) when the content changed since it was read.
+    """
+    target = original.target
+    if not os.access(target, os.W_OK):
+        raise ConfigFileError("file is read-only; not changed", path=original.path)
+    temp = temp_path_for(target, tag)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, original.mode)
+    except FileExistsError:
+        os.unlink(temp)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, original.mode)
+    except OSError as err:
+        raise ConfigFileError(
+            f"cannot create a temp file next to it: {_os_reason(err)}",
+            path=original.path,
+        ) from err
+    try:
+        try:
+            os.fchmod(fd, original.mode)
+            if (original.uid, original.gid) != (os.getuid(), os.getgid()):
+                os.fchown(fd, original.uid, original.gid)
+            view = memoryview(new_data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        ensure_unchanged(original)
+        os.replace(temp, target)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+    fsync_dir(target.parent)
+
+
+def ensure_unchanged(original: ConfigFile) -> None:
+    try:
+        with open(original.target, "rb") as handle:
+            current = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise FileChangedError(
+            f"file changed while npmguard worked on it ({_os_reason(err)}); "
+            "nothing written, run the command again",
+            path=original.path,
+        ) from err
+    if current != original.data:
+        raise FileChangedError(
+            "file changed while npmguard worked on it; nothing written, "
+            "run the command again",
+            path=original.path,
+        )
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # Some platforms cannot open directories; rename is still atomic.
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write npmguard's own state file atomically with ``mode``."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,60 @@
+"""The store interface and an in-memory store for unit tests."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from npmguard.errors import CredentialNotFoundError
+from npmguard.secret import Secret
+
+
+class CredentialStore(Protocol):
+    """A place that keeps credential values under string names.
+
+    Names look like ``//registry.example/:_authToken#a1b2c3d4e5``: the
+    config key the value came from plus a unique id.
+    """
+
+    description: str
+
+    def get(self, name: str) -> Secret | None:
+        """Return the stored value, or None when there is none."""
+
+    def set(self, name: str, value: Secret) -> None:
+        """Store ``value`` under ``name``, replacing any earlier value."""
+
+    def delete(self, name: str) -> None:
+        """Remove ``name``; a missing entry is not an error."""
+
+
+def require(store: CredentialStore, name: str) -> Secret:
+    """Return the value under ``name`` or raise ``CredentialNotFoundError``."""
+    value = store.get(name)
+    if value is None:
+        raise CredentialNotFoundError(
+            f"credential {name} is not in the {store.description}; "
+            "run `npmguard scan` to see what is stored, or `npmguard secure` again"
+        )
+    return value
+
+
+class MemoryStore:
+    """A dict-backed store for unit tests; it keeps nothing after the process."""
+
+    description = "in-memory store"
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+
+    def get(self, name: str) -> Secret | None:
+        value = self._values.get(name)
+        return Secret(value) if value is not None else None
+
+    def set(self, name: str, value: Secret) -> None:
+        self._values[name] = value.reveal()
+
+    def delete(self, name: str) -> None:
+        self._values.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(self._values)
