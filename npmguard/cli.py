@@ -3,8 +3,11 @@
 Exit codes: 0 success (for ``scan``: no plaintext found), 1 plaintext found
 by ``scan``, 2 a user-facing error, 3 an unexpected error (the traceback
 goes to the crash log), 130 interrupted. ``exec`` exits with its command's
-code. Command modules are imported only when chosen so that ``npmguard
-token``, which pnpm runs on every request, starts fast.
+code.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``run(args) -> int``. Only the chosen command's module is imported, so that
+``npmguard token``, which pnpm runs for every install, starts fast.
 """
 
 from __future__ import annotations
@@ -18,69 +21,67 @@ from collections.abc import Sequence
 from npmguard import __version__
 from npmguard.errors import NpmguardError
 
-COMMANDS = {
-    "scan": "npmguard.commands.scan",
-    "secure": "npmguard.commands.secure",
-    "restore": "npmguard.commands.restore",
-    "exec": "npmguard.commands.exec_",
-    "token": "npmguard.commands.token",
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "scan": ("npmguard.commands.scan", "report credentials in npm config files"),
+    "secure": ("npmguard.commands.secure", "move plaintext credentials into the vault"),
+    "restore": ("npmguard.commands.restore", "put vault values back into the files"),
+    "exec": (
+        "npmguard.commands.exec_",
+        "run a command with registry credentials in its environment",
+    ),
+    "token": ("npmguard.commands.token", "print one registry credential (helper)"),
+    "daemon": ("npmguard.commands.daemon", "run the watcher, socket server and tray"),
+    "status": ("npmguard.commands.status", "show what the daemon is doing"),
+    "doctor": ("npmguard.commands.doctor", "check what works and what to fix"),
+    "service": ("npmguard.commands.service", "install or remove the user service"),
+    "unlock": ("npmguard.commands.unlock", "unlock the encrypted file vault"),
+    "lock": ("npmguard.commands.lock", "forget the file vault's key in the daemon"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """Build the parser; only ``command``'s own arguments are loaded."""
     parser = argparse.ArgumentParser(
         prog="npmguard",
         description="Keep npm registry credentials in the OS keychain, not in files.",
     )
-    parser.add_argument("--version", action="version", version=f"npmguard {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0,
+        "--version", action="version", version=f"npmguard {__version__}"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
         help="log more to stderr (-v: INFO, -vv: DEBUG); values are never logged",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    scan = sub.add_parser("scan", help="report credentials in npm config files")
-    scan.add_argument("paths", nargs="*", metavar="PATH",
-                      help="directories to search for project .npmrc files")
-    scan.add_argument("--json", action="store_true", help="print stable JSON")
-
-    secure = sub.add_parser("secure", help="move plaintext credentials into the keychain")
-    secure.add_argument("paths", nargs="*", metavar="PATH",
-                        help="directories to search for project .npmrc files")
-    secure.add_argument("--dry-run", action="store_true",
-                        help="show what would move; change nothing")
-    secure.add_argument(
-        "--token-helper", choices=("auto", "always", "never"), default="auto",
-        help="add pnpm token helpers to the user config (auto: when pnpm is on PATH)",
-    )
-
-    restore = sub.add_parser("restore", help="put keychain values back into the files")
-    restore.add_argument("paths", nargs="*", metavar="PATH",
-                         help="config files or directories to restore (default: all)")
-    restore.add_argument("--dry-run", action="store_true",
-                         help="show what would be restored; change nothing")
-
-    exec_ = sub.add_parser(
-        "exec", help="run a command with registry credentials in its environment"
-    )
-    exec_.add_argument("--registry", metavar="URL",
-                       help="inject only this registry's credential")
-    exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-
-    token = sub.add_parser("token", help="print one registry token (credential helper)")
-    token.add_argument("--registry", metavar="URL",
-                       help="registry URL or //host/path/ key (default: npm's registry)")
-    token.add_argument("--header", action="store_true",
-                       help="print the whole Authorization header, as pnpm expects")
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
     return parser
 
 
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if arg in COMMANDS:
+            return arg
+        if not arg.startswith("-"):
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = _chosen_command(arguments)
+    args = build_parser(command).parse_args(arguments)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="npmguard: %(levelname)s: %(message)s")
     try:
-        module = importlib.import_module(COMMANDS[args.command])
+        module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args))
     except NpmguardError as err:
         print(f"npmguard: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -97,6 +98,27 @@ def temp_path_for(target: Path, tag: str) -> Path:
     return target.with_name(f".{target.name}.{tag}{TEMP_SUFFIX}")
 
 
+def check_writable(original: ConfigFile) -> None:
+    """Raise ``ConfigFileError`` unless the file can be replaced in place.
+
+    A file with no write bit at all counts as read-only even for root, who
+    could write it anyway: the owner made it read-only on purpose.
+    """
+    target = original.target
+    if not os.access(target, os.W_OK) or not original.mode & 0o222:
+        raise ConfigFileError(
+            f"file is read-only (mode {original.mode:04o}); not changed. Make "
+            "it writable (chmod u+w) and run the command again",
+            path=original.path,
+        )
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise ConfigFileError(
+            "its directory is not writable, so no temp file can be made next "
+            "to it; not changed",
+            path=original.path,
+        )
+
+
 def replace_file(original: ConfigFile, new_data: bytes, tag: str) -> None:
     """Replace ``original.target`` with ``new_data`` atomically.
 
@@ -104,17 +126,18 @@ def replace_file(original: ConfigFile, new_data: bytes, tag: str) -> None:
     durable: write a temp file in the same directory with the same mode
     and owner, fsync it, check the file still holds what was read, rename
     over it, then fsync the directory. Raises ``FileChangedError`` (and
-    leaves the file alone) when the content changed since it was read.
+    leaves the file alone) when the content, mode or owner changed since
+    it was read. The rename is the last step that can fail, so on any
+    exception the file still has its old content.
     """
+    check_writable(original)
     target = original.target
-    if not os.access(target, os.W_OK):
-        raise ConfigFileError("file is read-only; not changed", path=original.path)
     temp = temp_path_for(target, tag)
+    _unlink_quietly(temp)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, original.mode)
-    except FileExistsError:
-        os.unlink(temp)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, original.mode)
+        # 0600 until the owner and mode are set, because the temp file of a
+        # restore contains plaintext values.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as err:
         raise ConfigFileError(
             f"cannot create a temp file next to it: {_os_reason(err)}",
@@ -122,27 +145,51 @@ def replace_file(original: ConfigFile, new_data: bytes, tag: str) -> None:
         ) from err
     try:
         try:
-            os.fchmod(fd, original.mode)
-            if (original.uid, original.gid) != (os.getuid(), os.getgid()):
-                os.fchown(fd, original.uid, original.gid)
-            view = memoryview(new_data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _set_owner_and_mode(fd, original)
+            _write_all(fd, new_data)
             os.fsync(fd)
         finally:
             os.close(fd)
         ensure_unchanged(original)
-        os.replace(temp, target)
+        try:
+            os.replace(temp, target)
+        except OSError as err:
+            raise ConfigFileError(
+                f"cannot replace it: {_os_reason(err)}; not changed",
+                path=original.path,
+            ) from err
     except BaseException:
         _unlink_quietly(temp)
         raise
     fsync_dir(target.parent)
 
 
+def _set_owner_and_mode(fd: int, original: ConfigFile) -> None:
+    # chown first: Linux clears the setuid and setgid bits on chown.
+    if (original.uid, original.gid) != (os.getuid(), os.getgid()):
+        try:
+            os.fchown(fd, original.uid, original.gid)
+        except OSError as err:
+            raise ConfigFileError(
+                f"cannot keep its owner {original.uid}:{original.gid} "
+                f"({_os_reason(err)}); not changed",
+                path=original.path,
+            ) from err
+    os.fchmod(fd, original.mode)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 def ensure_unchanged(original: ConfigFile) -> None:
+    """Raise ``FileChangedError`` unless the file still is what was read."""
     try:
         with open(original.target, "rb") as handle:
+            info = os.fstat(handle.fileno())
             current = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise FileChangedError(
@@ -154,6 +201,16 @@ def ensure_unchanged(original: ConfigFile) -> None:
         raise FileChangedError(
             "file changed while npmguard worked on it; nothing written, "
             "run the command again",
+            path=original.path,
+        )
+    if (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) != (
+        original.mode,
+        original.uid,
+        original.gid,
+    ):
+        raise FileChangedError(
+            "file mode or owner changed while npmguard worked on it; nothing "
+            "written, run the command again",
             path=original.path,
         )
 
@@ -172,21 +229,72 @@ def fsync_dir(directory: Path) -> None:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write npmguard's own state file atomically with ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    temp = _private_temp(path)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.fchmod(fd, mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
     fsync_dir(path.parent)
+
+
+def create_file(path: Path, data: bytes, tag: str, mode: int = 0o600) -> None:
+    """Create ``path`` with ``data``; raise ``FileChangedError`` if it exists.
+
+    The content is written to a temp file (named with ``tag``, as in
+    ``replace_file``) and hard-linked into place, so the file never appears
+    half written and a file that someone else made in the meantime is never
+    overwritten.
+    """
+    temp = temp_path_for(path, tag)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.fchmod(fd, mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temp, path)
+    except FileExistsError as err:
+        raise FileChangedError(
+            "file appeared while npmguard worked on it; nothing written, "
+            "run the command again",
+            path=path,
+        ) from err
+    except OSError as err:
+        reason = _os_reason(err)
+        raise ConfigFileError(f"cannot create it: {reason}", path=path) from err
+    finally:
+        _unlink_quietly(temp)
+    fsync_dir(path.parent)
+
+
+def _private_temp(path: Path) -> Path:
+    # The process id keeps two writers (a crash log and a state file, say)
+    # off each other's temp file.
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def sweep_temp_files(directory: Path) -> None:
+    """Remove temp files that a killed ``write_private`` left in ``directory``."""
+    try:
+        leftovers = list(directory.glob(f".*{TEMP_SUFFIX}"))
+    except OSError:
+        return
+    for leftover in leftovers:
+        _unlink_quietly(leftover)

@@ -14,17 +14,25 @@ vault, or in both:
 Restoring runs the other way: journal ``writing``, write the file back
 with its values, journal ``written``, delete the vault entries, drop the
 journal entry.
+
+Recovery deletes a vault entry only when the file contains that value in
+plaintext, and writes a file only when the vault contains every value the
+new file refers to. Every change runs under ``state_lock``, so a journal
+entry seen by the lock holder belongs to a run that died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +47,12 @@ from npmguard.errors import (
 )
 from npmguard.files import (
     ConfigFile,
+    check_writable,
+    create_file,
     parse_bytes,
     read_config,
     replace_file,
+    sweep_temp_files,
     temp_path_for,
     write_private,
 )
@@ -53,13 +64,14 @@ from npmguard.npmrc.credentials import (
     secured_line,
     vault_name,
 )
-from npmguard.npmrc.ini import Document, decode_value
+from npmguard.npmrc.ini import Document
 from npmguard.secret import Secret
 from npmguard.vault.base import CredentialStore, require
 
 log = logging.getLogger(__name__)
 
 RAW_SUFFIX = "#raw"
+_TXID = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass
@@ -71,8 +83,23 @@ class FileResult:
     changed: bool = False
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _sha(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+def _read_current(target: Path) -> bytes | None:
+    try:
+        return target.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _current_sha(target: Path) -> str | None:
+    """Return the hash of the file now, or None when it cannot be read."""
+    try:
+        return _sha(target.read_bytes())
+    except OSError:
+        return None
 
 
 # --- journal -----------------------------------------------------------------
@@ -87,58 +114,116 @@ def _write_journal(record: dict[str, object]) -> None:
 
 
 def _drop_journal(txid: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(_journal_path(txid))
-    except FileNotFoundError:
-        pass
+
+
+def _new_txid() -> str:
+    return secrets.token_hex(8)
+
+
+# An flock lock belongs to an open file, so a second flock in the same
+# process would wait for itself. These make state_lock reentrant instead.
+_thread_lock = threading.RLock()
+_lock_depth = 0
 
 
 @contextmanager
-def state_lock() -> Iterator[None]:
-    """Hold an exclusive lock so two npmguard runs never edit files at once."""
-    directory = paths.state_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+def state_lock(*, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock so two npmguard runs never edit files at once.
+
+    Reentrant within one process. With ``wait=False`` it yields False
+    instead of waiting when another process holds the lock.
+    """
+    global _lock_depth
+    if not _thread_lock.acquire(blocking=wait):
+        yield False
+        return
     try:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            # NOTE: no cross-process lock on Windows yet; msvcrt.locking
-            # would give one.
-            yield
+        if _lock_depth:
+            _lock_depth += 1
+            try:
+                yield True
+            finally:
+                _lock_depth -= 1
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        directory = paths.state_dir()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            yield
+            if not _flock(fd, wait):
+                yield False
+                return
+            _lock_depth = 1
+            try:
+                yield True
+            finally:
+                _lock_depth = 0
+                _funlock(fd)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
     finally:
-        os.close(fd)
+        _thread_lock.release()
 
 
-# --- the credential index -----------------------------------------------------
+def _flock(fd: int, wait: bool) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        # NOTE: no cross-process lock on Windows yet; msvcrt.locking
+        # would give one.
+        return True
+    flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+    try:
+        fcntl.flock(fd, flags)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _funlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+# --- the credential index ----------------------------------------------------
 
 
 def load_index() -> dict[str, dict[str, object]]:
     """Return vault name -> metadata for every credential npmguard moved."""
+    path = paths.index_path()
     try:
-        data = json.loads(paths.index_path().read_bytes())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
-    except ValueError as err:
-        raise JournalError(
-            "credential index is not valid JSON; move it aside and run "
-            "`npmguard scan` to see what is secured",
-            path=paths.index_path(),
-        ) from err
-    return data if isinstance(data, dict) else {}
+    except (ValueError, OSError) as err:
+        raise _index_error(path) from err
+    # Saving over an index of the wrong shape would lose what it lists.
+    if not isinstance(data, dict) or not all(
+        isinstance(meta, dict) for meta in data.values()
+    ):
+        raise _index_error(path)
+    return data
+
+
+def _index_error(path: Path) -> JournalError:
+    return JournalError(
+        "credential index is unreadable or not a JSON object of entries; move "
+        "it aside and run the command again (restore then finds secured "
+        "project files only when given their directories)",
+        path=path,
+    )
 
 
 def save_index(index: dict[str, dict[str, object]]) -> None:
-    write_private(paths.index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
+    data = json.dumps(index, indent=1, sort_keys=True).encode()
+    write_private(paths.index_path(), data)
 
 
-# --- planning ------------------------------------------------------------------
+# --- planning ----------------------------------------------------------------
 
 
 @dataclass
@@ -151,10 +236,32 @@ class _Move:
     def name(self) -> str:
         return vault_name(self.finding.key, self.vault_id)
 
+    @property
+    def value(self) -> Secret:
+        assert self.finding.value is not None
+        return self.finding.value
 
-def _plan_secure(config: ConfigFile, ids: dict[int, str] | None = None) -> tuple[
-    list[_Move], bytes
-]:
+    @property
+    def has_raw(self) -> bool:
+        """Whether the file's text of the value differs from the decoded value."""
+        return self.raw != self.value.reveal()
+
+    def index_entry(self, path: Path, target: Path) -> dict[str, object]:
+        return {
+            "path": str(path),
+            "target": str(target),
+            "key": self.finding.key,
+            "registry": self.finding.registry,
+            "kind": self.finding.kind,
+            "fingerprint": self.finding.fingerprint,
+            "raw": self.has_raw,
+            "created": time.time(),
+        }
+
+
+def _plan_secure(
+    config: ConfigFile, ids: dict[int, str] | None = None
+) -> tuple[list[_Move], bytes]:
     """Return the moves for every plaintext secret and the file's new bytes.
 
     ``ids`` maps line numbers to vault ids when replaying a journal entry.
@@ -162,7 +269,7 @@ def _plan_secure(config: ConfigFile, ids: dict[int, str] | None = None) -> tuple
     document = config.document
     moves: list[_Move] = []
     for finding in find_credentials(config.path, document):
-        if not finding.is_exposed or finding.entry is None:
+        if not finding.is_exposed or finding.entry is None or finding.value is None:
             continue
         if ids is not None:
             if finding.line not in ids:
@@ -170,9 +277,9 @@ def _plan_secure(config: ConfigFile, ids: dict[int, str] | None = None) -> tuple
             vault_id = ids[finding.line]
         else:
             vault_id = secrets.token_hex(5)
-        raw = document.text[finding.entry.value_start : finding.entry.value_end]
+        raw = document.raw(finding.entry)
         moves.append(_Move(finding, vault_id, raw))
-    replacements = {
+    replacements: dict[int, str | None] = {
         move.finding.line: secured_line(document, move.finding.entry, move.vault_id)
         for move in moves
         if move.finding.entry is not None
@@ -200,67 +307,51 @@ def _rebuild(document: Document, replacements: dict[int, str | None]) -> bytes:
     return (prefix + text).encode("utf-8")
 
 
-# --- secure ----------------------------------------------------------------------
+def _plaintext_values(path: Path, data: bytes | None) -> set[Secret]:
+    """Return the plaintext secrets in ``data``; empty when it cannot be parsed."""
+    if data is None:
+        return set()
+    try:
+        document = parse_bytes(data, path)
+    except NpmguardError:
+        return set()
+    return {f.value for f in find_credentials(path, document) if f.value is not None}
 
 
-def secure_file(path: Path, store: CredentialStore, *, dry_run: bool = False) -> FileResult:
-    """Move every plaintext secret in ``path`` into ``store``."""
-    config = read_config(path)
-    moves, new_data = _plan_secure(config)
-    result = FileResult(path, [m.finding for m in moves])
-    if not moves or dry_run:
-        return result
-    if not os.access(config.target, os.W_OK):
-        raise ConfigFileError("file is read-only; not changed", path=path)
-
-    txid = secrets.token_hex(8)
-    record: dict[str, object] = {
-        "txid": txid,
-        "op": "secure",
-        "path": str(config.target),
-        "display_path": str(path),
-        "before": _sha(config.data),
-        "after": _sha(new_data),
-        "ids": {str(m.finding.line): m.vault_id for m in moves},
-        # Every name this run may write, so a run killed mid-way can be undone.
-        "names": [n for m in moves for n in (m.name, m.name + RAW_SUFFIX)],
-        "phase": "storing",
-        "created": time.time(),
+def _marker_ids(path: Path, data: bytes | None) -> set[str]:
+    """Return the vault ids of the secured lines in ``data``."""
+    if data is None:
+        return set()
+    try:
+        document = parse_bytes(data, path)
+    except NpmguardError:
+        return set()
+    return {
+        f.vault_id
+        for f in find_credentials(path, document)
+        if f.state == "secured" and f.vault_id is not None
     }
-    _write_journal(record)
-    stored: list[str] = []
-    try:
-        for move in moves:
-            value = move.finding.value
-            assert value is not None
-            _store_verified(store, move.name, value)
-            stored.append(move.name)
-            if move.raw != value.reveal():
-                _store_verified(store, move.name + RAW_SUFFIX, Secret(move.raw))
-                stored.append(move.name + RAW_SUFFIX)
-        record["phase"] = "stored"
-        _write_journal(record)
-    except BaseException:
-        _delete_names(store, stored)
-        _drop_journal(txid)
-        raise
 
-    try:
-        replace_file(config, new_data, txid)
-    except FileChangedError:
-        _undo_after_change(config, store, moves)
-        _drop_journal(txid)
-        raise
-    except BaseException:
-        # The file is unchanged (replace_file only renames last), so the
-        # vault copies are spare; remove them.
-        _delete_names(store, stored)
-        _drop_journal(txid)
-        raise
 
-    _index_moves(path, config.target, moves)
-    _drop_journal(txid)
-    result.changed = True
+# --- secure ------------------------------------------------------------------
+
+
+def secure_file(
+    path: Path, store: CredentialStore, *, dry_run: bool = False
+) -> FileResult:
+    """Move every plaintext secret in ``path`` into ``store``."""
+    with state_lock():
+        config = read_config(path)
+        moves, new_data = _plan_secure(config)
+        result = FileResult(path, [m.finding for m in moves])
+        if not moves or dry_run:
+            return result
+        check_writable(config)
+        # An unreadable index would fail the last step; fail before the first.
+        load_index()
+        _secure_transaction(config, store, moves, new_data)
+        result.changed = True
+
     for move in moves:
         log.info(
             "secured %s %s at %s:%d (fingerprint %s) into %s",
@@ -274,8 +365,72 @@ def secure_file(path: Path, store: CredentialStore, *, dry_run: bool = False) ->
     return result
 
 
-def _store_verified(store: CredentialStore, name: str, value: Secret) -> None:
+def _secure_transaction(
+    config: ConfigFile, store: CredentialStore, moves: list[_Move], new_data: bytes
+) -> None:
+    txid = _new_txid()
+    after = _sha(new_data)
+    record: dict[str, object] = {
+        "txid": txid,
+        "op": "secure",
+        "path": str(config.target),
+        "display_path": str(config.path),
+        "before": _sha(config.data),
+        "after": after,
+        "ids": {str(m.finding.line): m.vault_id for m in moves},
+        "index": {m.name: m.index_entry(config.path, config.target) for m in moves},
+        # Every name this run may write, so a run killed mid-way can be undone.
+        "names": [n for m in moves for n in (m.name, m.name + RAW_SUFFIX)],
+        "phase": "storing",
+        "created": time.time(),
+    }
+    _write_journal(record)
+    stored: list[str] = []
+    try:
+        for move in moves:
+            _store_verified(store, move.name, move.value, stored)
+            if move.has_raw:
+                raw_name = move.name + RAW_SUFFIX
+                _store_verified(store, raw_name, Secret(move.raw), stored)
+        record["phase"] = "stored"
+        _write_journal(record)
+    except BaseException:
+        # The file is untouched and still contains every value.
+        _delete_names(store, stored)
+        _drop_journal(txid)
+        raise
+
+    try:
+        replace_file(config, new_data, txid)
+    except FileChangedError:
+        _undo_after_change(config, store, moves)
+        _drop_journal(txid)
+        raise
+    except BaseException:
+        if _current_sha(config.target) == after:
+            # Interrupted after the rename (during the directory fsync): the
+            # file refers to the vault now, so keep the journal entry and
+            # let the next run finish the index.
+            raise
+        _delete_names(store, stored)
+        _drop_journal(txid)
+        raise
+
+    _index_moves(record["index"])  # type: ignore[arg-type]
+    _drop_journal(txid)
+
+
+def _store_verified(
+    store: CredentialStore, name: str, value: Secret, written: list[str] | None = None
+) -> None:
+    """Store ``value`` and read it back; ``written`` gets ``name`` once it is set.
+
+    A write that fails its read-back has still put something in the vault,
+    so the name is listed before the check.
+    """
     store.set(name, value)
+    if written is not None:
+        written.append(name)
     if store.get(name) != value:
         raise VaultError(
             f"the {store.description} returned a different value for {name} "
@@ -291,17 +446,13 @@ def _delete_names(store: CredentialStore, names: list[str]) -> None:
             log.warning("could not remove %s from the vault: %s", name, err)
 
 
-def _undo_after_change(config: ConfigFile, store: CredentialStore, moves: list[_Move]) -> None:
+def _undo_after_change(
+    config: ConfigFile, store: CredentialStore, moves: list[_Move]
+) -> None:
     """Drop vault copies whose value is still in the changed file; keep the rest."""
-    try:
-        current = read_config(config.path)
-        present = {
-            f.value for f in find_credentials(config.path, current.document) if f.value
-        }
-    except NpmguardError:
-        present = set()
+    present = _plaintext_values(config.path, _read_current(config.target))
     for move in moves:
-        if move.finding.value in present:
+        if move.value in present:
             _delete_names(store, [move.name, move.name + RAW_SUFFIX])
         else:
             log.warning(
@@ -314,68 +465,103 @@ def _undo_after_change(config: ConfigFile, store: CredentialStore, moves: list[_
             )
 
 
-def _index_moves(path: Path, target: Path, moves: list[_Move]) -> None:
+def _index_moves(entries: dict[str, dict[str, object]]) -> None:
     index = load_index()
-    for move in moves:
-        index[move.name] = {
-            "path": str(path),
-            "target": str(target),
-            "key": move.finding.key,
-            "registry": move.finding.registry,
-            "kind": move.finding.kind,
-            "fingerprint": move.finding.fingerprint,
-            "raw": move.raw != (move.finding.value.reveal() if move.finding.value else ""),
-            "created": time.time(),
-        }
+    index.update(entries)
     save_index(index)
 
 
-# --- restore ---------------------------------------------------------------------
+# --- restore -----------------------------------------------------------------
 
 
-def restore_file(path: Path, store: CredentialStore, *, dry_run: bool = False) -> FileResult:
+def restore_file(
+    path: Path, store: CredentialStore, *, dry_run: bool = False
+) -> FileResult:
     """Write the values of every secured line in ``path`` back into the file."""
-    config = read_config(path)
+    with state_lock():
+        config = read_config(path)
+        replacements, names, restored = _plan_restore(config, store)
+        result = FileResult(path, restored)
+        if not replacements or dry_run:
+            return result
+        new_data = _rebuild(config.document, replacements)
+        check_writable(config)
+        load_index()
+        _restore_transaction(config, store, names, new_data)
+        result.changed = True
+
+    for finding in restored:
+        log.info(
+            "restored %s %s to %s:%d",
+            finding.registry or "-",
+            finding.kind,
+            path,
+            finding.line,
+        )
+    return result
+
+
+def _plan_restore(
+    config: ConfigFile, store: CredentialStore
+) -> tuple[dict[int, str | None], list[str], list[Finding]]:
+    """Return the line replacements, the vault names to drop and the findings."""
     document = config.document
     replacements: dict[int, str | None] = {}
     names: list[str] = []
     restored: list[Finding] = []
-    for finding in find_credentials(path, document):
+    for finding in find_credentials(config.path, document):
         if finding.state != "secured" or finding.vault_id is None:
             continue
-        line = document.lines[finding.line - 1]
-        marker = parse_marker(document, line)
+        marker = parse_marker(document, document.lines[finding.line - 1])
         assert marker is not None
         name = vault_name(marker.entry.key, marker.vault_id)
         value = require(store, name)
         raw_secret = store.get(name + RAW_SUFFIX)
         raw = raw_secret.reveal() if raw_secret is not None else value.reveal()
-        if decode_value(raw) != value.reveal():
+        line = restored_line(marker, raw, document)
+        if not _line_holds(line, marker.entry.key, value):
             raise VaultError(
                 f"the stored raw and decoded values of {name} disagree; "
                 "not restored",
-                path=path,
+                path=config.path,
                 line=finding.line,
             )
-        replacements[finding.line] = restored_line(marker, raw, document)
+        replacements[finding.line] = line
         names += [name, name + RAW_SUFFIX]
         restored.append(finding)
+    return replacements, names, restored
 
-    result = FileResult(path, restored)
-    if not replacements or dry_run:
-        return result
-    new_data = _rebuild(document, replacements)
-    if not os.access(config.target, os.W_OK):
-        raise ConfigFileError("file is read-only; not changed", path=path)
 
-    txid = secrets.token_hex(8)
+def _line_holds(text: str, key: str, value: Secret) -> bool:
+    """Tell whether ``text`` would be secured again as ``key`` with ``value``.
+
+    The raw text is checked in its line, not alone: ``'abc' ;note`` keeps
+    its quotes in npm's reading, while ``'abc'`` alone loses them.
+    """
+    # A line break in the raw text would add lines to the file.
+    if any(char in text for char in "\r\n"):
+        return False
+    findings = find_credentials(Path(".npmrc"), Document(text))
+    return (
+        len(findings) == 1
+        and findings[0].key == key
+        and findings[0].value is not None
+        and findings[0].value == value
+    )
+
+
+def _restore_transaction(
+    config: ConfigFile, store: CredentialStore, names: list[str], new_data: bytes
+) -> None:
+    txid = _new_txid()
+    after = _sha(new_data)
     record: dict[str, object] = {
         "txid": txid,
         "op": "restore",
         "path": str(config.target),
-        "display_path": str(path),
+        "display_path": str(config.path),
         "before": _sha(config.data),
-        "after": _sha(new_data),
+        "after": after,
         "names": names,
         "phase": "writing",
         "created": time.time(),
@@ -384,19 +570,14 @@ def restore_file(path: Path, store: CredentialStore, *, dry_run: bool = False) -
     try:
         replace_file(config, new_data, txid)
     except BaseException:
-        _drop_journal(txid)
+        if _current_sha(config.target) != after:
+            # Still secured and the vault is untouched: nothing to undo.
+            _drop_journal(txid)
         raise
     record["phase"] = "written"
     _write_journal(record)
     _finish_restore(store, names)
     _drop_journal(txid)
-    result.changed = True
-    for finding in restored:
-        log.info(
-            "restored %s %s to %s:%d", finding.registry or "-", finding.kind, path,
-            finding.line,
-        )
-    return result
 
 
 def _finish_restore(store: CredentialStore, names: list[str]) -> None:
@@ -407,7 +588,54 @@ def _finish_restore(store: CredentialStore, names: list[str]) -> None:
     save_index(index)
 
 
-# --- recovery -----------------------------------------------------------------------
+# --- rewrites of the user config ---------------------------------------------
+
+
+def replace_journaled(config: ConfigFile, new_data: bytes) -> None:
+    """Replace a file that moves no secret, journaled so a crash leaves no temp.
+
+    Used for the token-helper lines: the temp file can hold whatever
+    plaintext the user config still has, so a killed run must not leave it.
+    """
+    with state_lock():
+        txid = _journal_rewrite(config.target, config.path, config.data, new_data)
+        try:
+            replace_file(config, new_data, txid)
+        finally:
+            _drop_journal(txid)
+
+
+def create_journaled(path: Path, data: bytes) -> None:
+    """Create a file that holds no secret, journaled so a crash leaves no temp."""
+    with state_lock():
+        txid = _journal_rewrite(path, path, None, data)
+        try:
+            create_file(path, data, txid)
+        finally:
+            _drop_journal(txid)
+
+
+def _journal_rewrite(
+    target: Path, display: Path, before: bytes | None, after: bytes
+) -> str:
+    txid = _new_txid()
+    _write_journal(
+        {
+            "txid": txid,
+            "op": "rewrite",
+            "path": str(target),
+            "display_path": str(display),
+            "before": _sha(before),
+            "after": _sha(after),
+            "names": [],
+            "phase": "writing",
+            "created": time.time(),
+        }
+    )
+    return txid
+
+
+# --- recovery ----------------------------------------------------------------
 
 
 def pending_journal() -> list[Path]:
@@ -417,102 +645,221 @@ def pending_journal() -> list[Path]:
         return []
 
 
-def recover(store_factory) -> list[str]:  # type: ignore[no-untyped-def]
+def recover(store_factory: Callable[[], CredentialStore]) -> list[str]:
     """Finish or undo every interrupted transaction; return what was done.
 
     ``store_factory`` is called only when some entry needs the vault, so a
-    clean start never opens the keychain.
+    clean start never opens the keychain. When another npmguard process
+    holds the state lock, its journal entries are live, not interrupted,
+    and nothing is done.
     """
-    messages: list[str] = []
-    entries = pending_journal()
-    if not entries:
+    with state_lock(wait=False) as held:
+        if not held:
+            log.debug("another npmguard run holds the state lock; not recovering")
+            return []
+        # Leftovers of a killed write_private; none of them holds a secret.
+        sweep_temp_files(paths.journal_dir())
+        sweep_temp_files(paths.state_dir())
+        sweep_temp_files(paths.data_dir() / "bin")
+        store = _LazyStore(store_factory)
+        messages: list[str] = []
+        for entry in pending_journal():
+            record = _load_record(entry)
+            message = _recover_one(record, store)
+            _drop_journal(str(record["txid"]))
+            log.info("recovery: %s", message)
+            messages.append(message)
         return messages
-    store = store_factory()
-    for entry in entries:
-        try:
-            record = json.loads(entry.read_bytes())
-        except (OSError, ValueError) as err:
-            raise JournalError(
-                "cannot read an interrupted change's journal entry; inspect it, "
-                "then delete it",
-                path=entry,
-            ) from err
-        messages.append(_recover_one(record, store))
-    return messages
 
 
-def _read_current(target: Path) -> bytes | None:
+class _LazyStore:
+    """A store that opens the real one on first use."""
+
+    def __init__(self, factory: Callable[[], CredentialStore]) -> None:
+        self._factory = factory
+        self._store: CredentialStore | None = None
+        self.description = "keychain"
+
+    def _open(self) -> CredentialStore:
+        if self._store is None:
+            self._store = self._factory()
+            self.description = self._store.description
+        return self._store
+
+    def get(self, name: str) -> Secret | None:
+        return self._open().get(name)
+
+    def set(self, name: str, value: Secret) -> None:
+        self._open().set(name, value)
+
+    def delete(self, name: str) -> None:
+        self._open().delete(name)
+
+
+def _load_record(entry: Path) -> dict[str, object]:
     try:
-        return target.read_bytes()
-    except FileNotFoundError:
-        return None
+        record = json.loads(entry.read_bytes())
+        valid = (
+            isinstance(record, dict)
+            and _TXID.fullmatch(str(record["txid"])) is not None
+            and entry.name == f"{record['txid']}.json"
+            and record["op"] in ("secure", "restore", "rewrite")
+            and isinstance(record["path"], str)
+            and isinstance(record["names"], list)
+            and all(key in record for key in ("before", "after", "phase"))
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _journal_error(entry) from err
+    if not valid:
+        raise _journal_error(entry)
+    return record  # type: ignore[no-any-return]
 
 
-def _recover_one(record: dict, store: CredentialStore) -> str:  # type: ignore[type-arg]
+def _journal_error(entry: Path) -> JournalError:
+    return JournalError(
+        "cannot read an interrupted change's journal entry; inspect it, "
+        "then delete it",
+        path=entry,
+    )
+
+
+def _recover_one(record: dict[str, object], store: CredentialStore) -> str:
     txid = str(record["txid"])
     target = Path(str(record["path"]))
     display = str(record.get("display_path", target))
-    names = [str(n) for n in record.get("names", [])]
-    temp = temp_path_for(target, txid)
-    if temp.exists():
-        temp.unlink()
+    # The temp file of an interrupted replace; a restore's holds plaintext.
+    with contextlib.suppress(FileNotFoundError):
+        temp_path_for(target, txid).unlink()
     current = _read_current(target)
-    state = _sha(current) if current is not None else None
-    phase = record["phase"]
+    state = _sha(current)
 
+    if record["op"] == "rewrite":
+        return f"cleaned up an interrupted rewrite of {display}"
     if record["op"] == "secure":
-        if state == record["after"]:
-            ids = {int(k): str(v) for k, v in dict(record["ids"]).items()}
-            _reindex_after_recovery(Path(display), target, current, ids)
-            message = f"finished securing {display}"
-        elif state == record["before"] and phase == "stored":
-            config = read_config(Path(display))
-            ids = {int(k): str(v) for k, v in dict(record["ids"]).items()}
-            moves, new_data = _plan_secure(config, ids)
-            if _sha(new_data) != record["after"]:
-                _delete_names(store, names)
-                message = f"undid securing {display} (the plan no longer matched)"
-            else:
-                replace_file(config, new_data, txid)
-                _index_moves(Path(display), config.target, moves)
-                message = f"finished securing {display}"
-        elif state == record["before"]:
-            _delete_names(store, names)
-            message = f"undid securing {display}; the file still has its values"
-        else:
-            message = (
-                f"{display} changed since an interrupted secure; its keychain "
-                "entries are kept, run `npmguard scan` to check it"
-            )
-    else:
-        if state == record["after"] or phase == "written":
-            _finish_restore(store, names)
-            message = f"finished restoring {display}"
-        else:
-            message = f"undid restoring {display}; it is still secured"
-    _drop_journal(txid)
-    log.info("recovery: %s", message)
-    return message
+        return _recover_secure(record, store, target, display, current, state)
+    return _recover_restore(record, store, target, display, current, state)
 
 
-def _reindex_after_recovery(
-    path: Path, target: Path, data: bytes | None, ids: dict[int, str]
-) -> None:
-    if data is None:
-        return
-    document = parse_bytes(data, path)
-    index = load_index()
-    for finding in find_credentials(path, document):
-        if finding.vault_name and finding.vault_id in ids.values():
-            index.setdefault(
-                finding.vault_name,
-                {
-                    "path": str(path),
-                    "target": str(target),
-                    "key": finding.key,
-                    "registry": finding.registry,
-                    "kind": finding.kind,
-                    "created": time.time(),
-                },
+def _recover_secure(
+    record: dict[str, object],
+    store: CredentialStore,
+    target: Path,
+    display: str,
+    current: bytes | None,
+    state: str | None,
+) -> str:
+    names = [str(n) for n in record["names"]]  # type: ignore[attr-defined]
+    index_entries = dict(record.get("index", {}))  # type: ignore[call-overload]
+    if state == record["after"]:
+        # Killed after the rename: the vault was verified before it.
+        _index_moves(index_entries)
+        return f"finished securing {display}"
+    if state == record["before"] and record["phase"] == "stored":
+        return _finish_secure(record, store, target, display)
+    if state == record["before"]:
+        _delete_names(store, names)
+        return f"undid securing {display}; the file still has its values"
+    return _reconcile(store, target, display, current, names, index_entries, "secure")
+
+
+def _finish_secure(
+    record: dict[str, object], store: CredentialStore, target: Path, display: str
+) -> str:
+    """Redo the rename of a secure that stored every value but was killed."""
+    names = [str(n) for n in record["names"]]  # type: ignore[attr-defined]
+    ids = {int(k): str(v) for k, v in dict(record["ids"]).items()}  # type: ignore[call-overload]
+    try:
+        config = read_config(target)
+        moves, new_data = _plan_secure(config, ids)
+        if _sha(new_data) != record["after"] or not moves:
+            raise FileChangedError("the planned edit no longer applies", path=target)
+        # The vault entries may be gone (a killed undo, a user's cleanup):
+        # store them again from the file, which still holds every value.
+        for move in moves:
+            _store_verified(store, move.name, move.value)
+            if move.has_raw:
+                _store_verified(store, move.name + RAW_SUFFIX, Secret(move.raw))
+        replace_file(config, new_data, str(record["txid"]))
+    except (ConfigFileError, FileChangedError, OSError) as err:
+        log.warning("could not finish securing %s: %s", display, err)
+        current = _read_current(target)
+        if _sha(current) == record["after"]:
+            raise
+        if _sha(current) != record["before"]:
+            # Changed (or removed) while recovery worked: keep what may be
+            # the only copy of a value.
+            return _reconcile(store, target, display, current, names, {}, "secure")
+        _delete_names(store, names)
+        return f"undid securing {display}; the file still has its values"
+    _index_moves({m.name: m.index_entry(Path(display), target) for m in moves})
+    return f"finished securing {display}"
+
+
+def _recover_restore(
+    record: dict[str, object],
+    store: CredentialStore,
+    target: Path,
+    display: str,
+    current: bytes | None,
+    state: str | None,
+) -> str:
+    names = [str(n) for n in record["names"]]  # type: ignore[attr-defined]
+    if state == record["after"]:
+        _finish_restore(store, names)
+        return f"finished restoring {display}"
+    if state == record["before"]:
+        return f"undid restoring {display}; it is still secured"
+    return _reconcile(store, target, display, current, names, {}, "restore")
+
+
+def _reconcile(
+    store: CredentialStore,
+    target: Path,
+    display: str,
+    current: bytes | None,
+    names: list[str],
+    index_entries: dict[str, dict[str, object]],
+    op: str,
+) -> str:
+    """Settle an interrupted change to a file that was edited (or removed) since.
+
+    A vault entry whose line is still secured in the file is kept (and
+    indexed); one whose value is in the file in plaintext is deleted; any
+    other is kept, because the vault may hold the only copy.
+    """
+    secured = _marker_ids(target, current)
+    plaintext = _plaintext_values(target, current)
+    keep: dict[str, dict[str, object]] = {}
+    dropped: list[str] = []
+    for name in names:
+        if name.endswith(RAW_SUFFIX):
+            continue
+        vault_id = name.rsplit("#", 1)[-1]
+        if vault_id in secured:
+            if name in index_entries:
+                keep[name] = index_entries[name]
+            continue
+        value = store.get(name)
+        if value is not None and value in plaintext:
+            _delete_names(store, [name, name + RAW_SUFFIX])
+            dropped.append(name)
+        elif value is not None:
+            log.warning(
+                "%s changed during an interrupted %s; its value for %s "
+                "(fingerprint %s) is kept in the vault",
+                display,
+                op,
+                name,
+                value.fingerprint,
             )
-    save_index(index)
+    if keep:
+        _index_moves(keep)
+    if dropped:
+        index = load_index()
+        for name in dropped:
+            index.pop(name, None)
+        save_index(index)
+    return (
+        f"{display} changed since an interrupted {op}; vault entries still in "
+        "use are kept, run `npmguard scan` to check it"
+    )

@@ -34,3 +34,8 @@ def journal_dir() -> Path:
 
 def index_path() -> Path:
     return state_dir() / "credentials.json"
+
+
+def created_files_path() -> Path:
+    """Files npmguard created (a user config made only for helper lines)."""
+    return state_dir() / "created.json"

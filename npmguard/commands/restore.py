@@ -9,7 +9,11 @@ from pathlib import Path
 
 from npmguard.commands.common import discover, display_path
 from npmguard.commands.secure import secured_registries
-from npmguard.errors import NpmguardError
+from npmguard.errors import (
+    NpmguardError,
+    VaultLockedError,
+    VaultUnavailableError,
+)
 from npmguard.inject.helpers import sync_token_helpers
 from npmguard.migrate import load_index, recover, restore_file, state_lock
 from npmguard.npmrc.locate import user_config_path
@@ -27,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
         for path in targets:
             try:
                 result = restore_file(path, store, dry_run=args.dry_run)
+            except (VaultLockedError, VaultUnavailableError):
+                # Every other file would fail the same way; say it once.
+                raise
             except NpmguardError as err:
                 print(f"npmguard: {err}", file=sys.stderr)
                 failed = True
@@ -76,3 +83,10 @@ def _targets(paths: list[str]) -> list[Path]:
     for located in discover([]).files:
         add(located.path)
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="PATH",
+                        help="config files or directories to restore (default: all)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show what would be restored; change nothing")

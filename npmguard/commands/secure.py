@@ -8,7 +8,11 @@ import shutil
 import sys
 
 from npmguard.commands.common import discover, display_path
-from npmguard.errors import NpmguardError
+from npmguard.errors import (
+    NpmguardError,
+    VaultLockedError,
+    VaultUnavailableError,
+)
 from npmguard.inject.helpers import sync_token_helpers
 from npmguard.migrate import load_index, recover, secure_file, state_lock
 from npmguard.npmrc.locate import user_config_path
@@ -34,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
         for located in discovery.files:
             try:
                 result = secure_file(located.path, store, dry_run=args.dry_run)  # type: ignore[arg-type]
+            except (VaultLockedError, VaultUnavailableError):
+                # Every other file would fail the same way; say it once.
+                raise
             except NpmguardError as err:
                 print(f"npmguard: {err}", file=sys.stderr)
                 failed = True
@@ -75,3 +82,14 @@ def secured_registries() -> set[str]:
         if str(meta.get("registry", "")).startswith("//")
         and meta.get("kind") in HELPER_KINDS
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="PATH",
+                        help="directories to search for project .npmrc files")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show what would move; change nothing")
+    parser.add_argument(
+        "--token-helper", choices=("auto", "always", "never"), default="auto",
+        help="add pnpm token helpers to the user config (auto: when pnpm is on PATH)",
+    )

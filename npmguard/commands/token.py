@@ -1,7 +1,8 @@
 """``npmguard token``: print one registry credential for a helper or script.
 
-This runs on every pnpm request through the token helper, so it imports
-only what it needs.
+pnpm runs this through the token helper for every install, so it first
+asks the daemon, which has the keychain open, and imports the config
+parser and the vault only when no daemon is running.
 """
 
 from __future__ import annotations
@@ -9,14 +10,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
-
-from npmguard.inject.resolve import Effective, resolve
-from npmguard.migrate import pending_journal, recover
-from npmguard.vault import open_default_store
 
 
 def run(args: argparse.Namespace) -> int:
+    from npmguard.daemon import client
+
+    reply = client.ask(
+        client.credential_request("token", args.registry, header=args.header)
+    )
+    if reply is not None:
+        return client.print_token(reply)
+    return _run_direct(args)
+
+
+def _run_direct(args: argparse.Namespace) -> int:
+    """Resolve the credential in this process, reading the vault directly."""
+    from pathlib import Path
+
+    from npmguard.inject.resolve import Effective, resolve
+    from npmguard.migrate import pending_journal, recover
+    from npmguard.vault import open_default_store
+
     effective = Effective(os.environ, Path.cwd())
     if pending_journal():
         recover(open_default_store)
@@ -38,6 +52,8 @@ class _LazyStore:
 
     def _open(self):  # type: ignore[no-untyped-def]
         if self._store is None:
+            from npmguard.vault import open_default_store
+
             self._store = open_default_store()
             self.description = self._store.description
         return self._store
@@ -50,3 +66,12 @@ class _LazyStore:
 
     def delete(self, name):  # type: ignore[no-untyped-def]
         self._open().delete(name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry", metavar="URL",
+        help="registry URL or //host/path/ key (default: npm's registry setting)",
+    )
+    parser.add_argument("--header", action="store_true",
+                        help="print the whole Authorization header, as pnpm expects")

@@ -8,7 +8,9 @@ registry therefore names its registry itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shlex
 import sys
@@ -16,7 +18,13 @@ from pathlib import Path
 
 from npmguard import paths
 from npmguard.errors import ConfigFileError
-from npmguard.files import ConfigFile, read_config, replace_file, write_private
+from npmguard.files import (
+    ConfigFile,
+    ensure_unchanged,
+    fsync_dir,
+    read_config,
+    write_private,
+)
 from npmguard.npmrc.credentials import HELPER_MARKER
 from npmguard.npmrc.ini import Document, _parse_entry
 from npmguard.npmrc.nerf import split_credential_key
@@ -36,8 +44,13 @@ def write_helper_script(registry: str) -> Path:
         "#!/bin/sh\n"
         f"# pnpm token helper for {registry}, written by npmguard.\n"
         f"exec {shlex.join(command)}\n"
-    )
-    write_private(path, script.encode(), mode=0o700)
+    ).encode()
+    try:
+        unchanged = path.read_bytes() == script and path.stat().st_mode & 0o777 == 0o700
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        write_private(path, script, mode=0o700)
     return path
 
 
@@ -72,52 +85,95 @@ def sync_token_helpers(user_config: Path, registries: set[str]) -> list[str]:
 
     New lines go at the top of the file so that no ``[section]`` captures
     them. A registry the user already gave a helper of their own is left
-    alone. Returns a description of each change.
+    alone. A user config that npmguard created for its lines is removed
+    again once it has none. Returns a description of each change.
     """
-    from npmguard.migrate import _rebuild
-
-    try:
-        config: ConfigFile | None = read_config(user_config)
-    except ConfigFileError:
-        if user_config.exists() or user_config.is_symlink():
-            raise
-        config = None
-    document = config.document if config else Document("")
-    ours = _helper_pairs(document)
-    foreign = _foreign_helpers(document, ours)
-    wanted = {r for r in registries if r not in foreign}
-    to_add = sorted(wanted - set(ours))
-    to_remove = sorted(set(ours) - wanted)
-    if not to_add and not to_remove:
-        for registry in wanted:
-            write_helper_script(registry)
-        return []
-
-    newline = document.newline_style()
-    removals: dict[int, str | None] = {}
-    for registry in to_remove:
-        for number in ours[registry]:
-            removals[number] = None
-        try:
-            os.unlink(helper_script_path(registry))
-        except FileNotFoundError:
-            pass
-    header = "".join(
-        f"{HELPER_MARKER}{newline}{registry}:tokenHelper={write_helper_script(registry)}"
-        f"{newline}"
-        for registry in to_add
+    from npmguard.migrate import (
+        _rebuild,
+        create_journaled,
+        replace_journaled,
+        state_lock,
     )
-    for registry in wanted:
-        write_helper_script(registry)
-    body = _rebuild(document, removals).decode("utf-8")
-    if body.startswith("\ufeff"):
-        new_text = "\ufeff" + header + body[1:]
-    else:
-        new_text = header + body
-    if config is None:
-        write_private(user_config, new_text.encode("utf-8"))
-    else:
-        replace_file(config, new_text.encode("utf-8"), "helpers")
+
+    with state_lock():
+        try:
+            config: ConfigFile | None = read_config(user_config)
+        except ConfigFileError:
+            if user_config.exists() or user_config.is_symlink():
+                raise
+            config = None
+        document = config.document if config else Document("")
+        ours = _helper_pairs(document)
+        foreign = _foreign_helpers(document, ours)
+        wanted = {r for r in registries if r not in foreign}
+        to_add = sorted(wanted - set(ours))
+        to_remove = sorted(set(ours) - wanted)
+        # Scripts first: a config line must never name a missing script.
+        scripts = {registry: write_helper_script(registry) for registry in wanted}
+        if not to_add and not to_remove:
+            return []
+
+        newline = document.newline_style()
+        removals: dict[int, str | None] = {
+            number: None for registry in to_remove for number in ours[registry]
+        }
+        header = "".join(
+            f"{HELPER_MARKER}{newline}{registry}:tokenHelper={scripts[registry]}"
+            f"{newline}"
+            for registry in to_add
+        )
+        body = _rebuild(document, removals).decode("utf-8")
+        if body.startswith("\ufeff"):
+            new_text = "\ufeff" + header + body[1:]
+        else:
+            new_text = header + body
+
+        created = _was_created(user_config) and not user_config.is_symlink()
+        # Whatever the file holds besides npmguard's helper lines is the user's.
+        user_part = _rebuild(document, {n: None for p in ours.values() for n in p})
+        if config is None:
+            _remember_created(user_config)
+            create_journaled(user_config, new_text.encode("utf-8"))
+        elif not new_text and created:
+            ensure_unchanged(config)
+            os.unlink(config.target)
+            fsync_dir(config.target.parent)
+            _forget_created(user_config)
+        else:
+            if created and user_part:
+                # The user wrote to the file that npmguard made: it is theirs now.
+                _forget_created(user_config)
+            replace_journaled(config, new_text.encode("utf-8"))
+
+        for registry in to_remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(helper_script_path(registry))
     return [f"added pnpm token helper for {r} to {user_config}" for r in to_add] + [
         f"removed pnpm token helper for {r} from {user_config}" for r in to_remove
     ]
+
+
+def _created_files() -> list[str]:
+    try:
+        data = json.loads(paths.created_files_path().read_bytes())
+    except (OSError, ValueError):
+        return []
+    return [str(item) for item in data] if isinstance(data, list) else []
+
+
+def _was_created(path: Path) -> bool:
+    return str(path) in _created_files()
+
+
+def _remember_created(path: Path) -> None:
+    # Written before the file exists: a crash in between leaves a record of
+    # a file never made, which only matters if the user later makes it empty.
+    created = _created_files()
+    if str(path) not in created:
+        created.append(str(path))
+        write_private(paths.created_files_path(), json.dumps(created).encode())
+
+
+def _forget_created(path: Path) -> None:
+    created = [item for item in _created_files() if item != str(path)]
+    write_private(paths.created_files_path(), json.dumps(created).encode())

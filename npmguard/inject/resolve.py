@@ -4,13 +4,14 @@ npm reads the project config (the ``.npmrc`` next to the nearest
 ``package.json``), then the user config, then the global one; a key set at
 an earlier level wins. For one registry it tries the registry's nerf-dart key
 and then each shorter path prefix, and for one key it prefers
-``_authToken``, then ``username`` with ``_password``, then ``_auth``.
+``_authToken``, then ``_auth``, then ``username`` with ``_password``
+(the order of npm-registry-fetch 19, which sends npm 11's requests).
 """
 
 from __future__ import annotations
 
 import base64
-import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,23 @@ from npmguard.npmrc.locate import standard_configs
 from npmguard.npmrc.nerf import DEFAULT_REGISTRY, candidate_keys, nerf_dart
 from npmguard.secret import Secret
 from npmguard.vault.base import CredentialStore, require
+
+# npm 11's env-replace: ``${NAME}``, or ``${NAME?}`` which becomes "" when
+# unset; an odd number of backslashes before ``$`` escapes the reference.
+_ENV_EXPRESSION = re.compile(r"(?<!\\)(\\*)\$\{([^${}?]+)(\?)?\}")
+
+
+def expand_env(value: str, env: Mapping[str, str]) -> str:
+    """Expand environment references in a config value as npm 11 does."""
+
+    def replace(match: re.Match[str]) -> str:
+        escapes, name, optional = match.group(1), match.group(2), match.group(3)
+        if len(escapes) % 2:
+            return match.group(0)[(len(escapes) + 1) // 2 :]
+        fallback = "" if optional else match.group(0)[len(escapes) :]
+        return escapes[len(escapes) // 2 :] + env.get(name, fallback)
+
+    return _ENV_EXPRESSION.sub(replace, value)
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,7 @@ class Effective:
     """The credential lines that win for each config key, across levels."""
 
     def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
+        self.cwd = cwd
         self.by_key: dict[str, Finding] = {}
         self.registry_setting: str | None = None
         self.errors: list[NpmguardError] = []
@@ -75,26 +94,34 @@ class Effective:
             token = self.by_key.get(f"{nerf}:_authToken")
             if token and token.state in ("plaintext", "secured", "reference"):
                 return [token]
-            password = self.by_key.get(f"{nerf}:_password")
-            username = self.by_key.get(f"{nerf}:username")
-            if password and username:
-                return [password, username]
             auth = self.by_key.get(f"{nerf}:_auth")
             if auth and auth.state in ("plaintext", "secured", "reference"):
                 return [auth]
+            password = self.by_key.get(f"{nerf}:_password")
+            username = self.by_key.get(f"{nerf}:username")
+            if (
+                password
+                and password.state in ("plaintext", "secured", "reference")
+                and username
+                and username.entry is not None
+                and isinstance(username.entry.value, str)
+            ):
+                return [password, username]
         return []
 
 
-def value_of(finding: Finding, store: CredentialStore, env: Mapping[str, str]) -> Secret:
+def value_of(
+    finding: Finding, store: CredentialStore, env: Mapping[str, str]
+) -> Secret:
     """Return the value behind a finding: from the vault, the file or the env."""
     if finding.state == "secured" and finding.vault_name:
         return require(store, finding.vault_name)
     if finding.state == "plaintext" and finding.value is not None:
         return finding.value
     if finding.state == "reference" and finding.entry is not None:
-        name = str(finding.entry.value)[2:-1]
-        if env.get(name):
-            return Secret(env[name])
+        expanded = expand_env(str(finding.entry.value), env)
+        if expanded:
+            return Secret(expanded)
     raise NpmguardError(
         f"{finding.key} has no usable value (it is {finding.state})",
         path=finding.path,
@@ -103,7 +130,9 @@ def value_of(finding: Finding, store: CredentialStore, env: Mapping[str, str]) -
 
 
 def resolve(
-    registry_url: str, effective: Effective, store: CredentialStore,
+    registry_url: str,
+    effective: Effective,
+    store: CredentialStore,
     env: Mapping[str, str],
 ) -> Credential:
     """Return the credential for ``registry_url`` or raise a clear error."""
@@ -112,7 +141,7 @@ def resolve(
     if not findings:
         raise NpmguardError(
             f"no credential for {nerf} in the npm config files read from "
-            f"{os.getcwd()}; run `npmguard scan` to see what is configured"
+            f"{effective.cwd}; run `npmguard scan` to see what is configured"
         )
     first = findings[0]
     if first.kind == "_password":

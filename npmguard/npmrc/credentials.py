@@ -24,10 +24,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from npmguard.npmrc.ini import Document, Entry, Line, _parse_entry
+from npmguard.npmrc.ini import JS_WHITESPACE, Document, Entry, Line, _parse_entry
 from npmguard.npmrc.nerf import (
     DEFAULT_REGISTRY,
     InvalidRegistryError,
+    candidate_keys,
     nerf_dart,
     split_credential_key,
 )
@@ -45,7 +46,8 @@ MARKER_PREFIX = "; npmguard:"
 PLACEHOLDER = "<keychain>"
 HELPER_MARKER = "; npmguard:token-helper"
 _MARKER = re.compile(r"^; npmguard:([0-9a-f]{10}) (.*)$")
-_ENV_REFERENCE = re.compile(r"^\$\{[^${}]+\}$")
+# npm's env-replace.js pattern: ${NAME} or ${NAME?}, not after a backslash.
+_ENV_REFERENCE = re.compile(r"(?<!\\)\$\{[^${}?]+\??\}")
 
 # NOTE: a name-based guess; it flags the common sync clients' default
 # folder names and misses custom sync roots.
@@ -130,27 +132,27 @@ def parse_marker(document: Document, line: Line) -> Marker | None:
 
 
 def find_credentials(path: Path, document: Document) -> list[Finding]:
-    """Return every credential line of ``document``, in file order."""
-    file_registry = _file_registry(document)
-    scopes = _scopes_by_registry(document)
-    findings: list[Finding] = []
+    """Return every credential line of ``document``, in file order.
 
-    last_line_of_key: dict[tuple[str | None, str], int] = {}
-    for entry in document.entries:
-        last_line_of_key[(entry.section, entry.key)] = entry.line.number
+    A line is ``shadowed`` when a later line of the same section sets the
+    same key, so npm uses the later one. A secured marker counts as a line
+    for the key it hides, because ``npmguard exec`` hands its value to npm;
+    a plaintext line before a marker is still the one plain npm reads, so
+    only markers are shadowed by markers and later entries alike.
+    """
+    file_registry = _file_registry(document)
+    findings: list[Finding] = []
 
     for entry in document.entries:
         registry, kind = split_credential_key(entry.key)
+        # NOTE: a key such as "${REG}:_authToken" only names a registry after
+        # npm expands it, so it is not reported.
         if kind not in CREDENTIAL_KINDS or entry.is_array:
             continue
         if registry is None:
             registry = file_registry
         finding = _classify(path, document, entry, registry, kind)
         finding.section = entry.section
-        finding.shadowed = last_line_of_key[(entry.section, entry.key)] != (
-            entry.line.number
-        )
-        finding.scopes = scopes.get(registry or "", [])
         findings.append(finding)
 
     for comment in document.comments:
@@ -158,7 +160,7 @@ def find_credentials(path: Path, document: Document) -> list[Finding]:
         if marker is None:
             continue
         registry, kind = split_credential_key(marker.entry.key)
-        finding = Finding(
+        findings.append(Finding(
             path=path,
             line=comment.line.number,
             key=marker.entry.key,
@@ -168,11 +170,22 @@ def find_credentials(path: Path, document: Document) -> list[Finding]:
             section=comment.section,
             vault_id=marker.vault_id,
             entry=marker.entry,
-        )
-        finding.scopes = scopes.get(finding.registry or "", [])
-        findings.append(finding)
+        ))
 
     findings.sort(key=lambda f: f.line)
+    last_entry: dict[tuple[str | None, str], int] = {}
+    last_any: dict[tuple[str | None, str], int] = {}
+    for finding in findings:
+        slot = (finding.section, finding.key)
+        last_any[slot] = finding.line
+        if finding.state != "secured":
+            last_entry[slot] = finding.line
+    scopes = _scopes_by_registry(document, {f.registry or "" for f in findings})
+    for finding in findings:
+        slot = (finding.section, finding.key)
+        last = last_any if finding.state == "secured" else last_entry
+        finding.shadowed = last[slot] != finding.line
+        finding.scopes = scopes.get(finding.registry or "", [])
     return findings
 
 
@@ -196,18 +209,38 @@ def _classify(
         # An inline certificate is public; only the key next to it is secret.
         finding.state = "identifier"
         return finding
-    if not value:
+    # npm trims a value again after ini, so a quoted " " is empty too.
+    if not value.strip(JS_WHITESPACE):
         finding.state = "empty"
         return finding
-    if _ENV_REFERENCE.match(value):
+    if is_reference(value):
         finding.state = "reference"
         return finding
 
+    detail = _describe_value(kind, value)
+    if not _encodable(value):
+        # A JSON "\ud800" escape decodes to a lone surrogate, which no
+        # keychain or header can carry; the escaped text stands in for it.
+        value = document.raw(entry)
+        detail = "has a lone surrogate escape; npm cannot send it as written"
     secret = Secret(value)
     finding.value = secret
     finding.fingerprint = secret.fingerprint
-    finding.detail = _describe_value(kind, value)
+    finding.detail = detail
     return finding
+
+
+def is_reference(value: str) -> bool:
+    """Return True when ``value`` is only ``${VAR}`` references (and blanks)."""
+    return not _ENV_REFERENCE.sub("", value).strip(JS_WHITESPACE)
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe_value(kind: str, value: str) -> str:
@@ -223,15 +256,23 @@ def _describe_value(kind: str, value: str) -> str:
         if _b64decode(value) is None:
             return "not valid base64; npm expects the password base64-encoded"
         return ""
-    if kind == "_authToken" and "${" in value:
+    if _ENV_REFERENCE.search(value):
         return "contains an environment reference and literal text"
     return ""
 
 
 def _b64decode(value: str) -> str | None:
+    """Decode base64 as Node does for well-formed input, or return None.
+
+    Node also takes the URL-safe alphabet and missing padding, and decodes
+    bad UTF-8 to U+FFFD. It skips other stray characters too, which this
+    treats as invalid.
+    """
+    text = value.strip().replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return base64.b64decode(text, validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
         return None
 
 
@@ -246,7 +287,15 @@ def _file_registry(document: Document) -> str:
     return nerf_dart(DEFAULT_REGISTRY)
 
 
-def _scopes_by_registry(document: Document) -> dict[str, list[str]]:
+def _scopes_by_registry(
+    document: Document, registries: set[str]
+) -> dict[str, list[str]]:
+    """Map each credential registry key to the ``@scope``s whose requests use it.
+
+    npm sends a scope's requests with the credential of the most specific
+    key that walks up from the scope's registry URL (``candidate_keys``);
+    only keys in ``registries`` count.
+    """
     scopes: dict[str, list[str]] = {}
     for key, value in document.values().items():
         if not key.startswith("@") or not key.endswith(":registry"):
@@ -254,10 +303,13 @@ def _scopes_by_registry(document: Document) -> dict[str, list[str]]:
         if not isinstance(value, str):
             continue
         try:
-            nerf = nerf_dart(value)
+            candidates = candidate_keys(value)
         except InvalidRegistryError:
             continue
-        scopes.setdefault(nerf, []).append(key[: -len(":registry")])
+        for candidate in candidates:
+            if candidate in registries:
+                scopes.setdefault(candidate, []).append(key[: -len(":registry")])
+                break
     return scopes
 
 

@@ -12,8 +12,19 @@ The rules follow the ``ini`` package that npm 11 and pnpm 10 use to read
   ``\\;``, ``\\#`` and ``\\\\`` are escapes;
 * a value wrapped in matching quotes is taken whole: ``'x'`` loses its
   quotes, ``"x"`` is decoded as a JSON string when it is one;
-* a key ending in ``[]`` appends to an array; otherwise the last duplicate
-  wins.
+* a key ending in ``[]`` appends to an array, and so does a plain ``key=``
+  line once the key has an array; otherwise the last duplicate wins;
+* ``true`` and ``false`` become booleans and ``null`` becomes None, quoted
+  or not;
+* a U+FEFF at the very start is not whitespace to the section pattern, so
+  ``\ufeff[name]`` on the first line is a key, not a section (Node reads
+  the file with its BOM).
+
+npm then expands ``${VAR}`` in keys and values (``@npmcli/config``'s
+``env-replace.js``); that is not part of this layer. ``values()`` returns
+the text before expansion; ``npmrc.credentials`` reports a value that is a
+whole ``${VAR}`` reference as a ``reference`` and ``inject.resolve`` reads
+the variable when it hands the credential out.
 
 Nothing is re-encoded: a parsed file keeps its exact text, and each entry
 records the character offsets of its key and value so that an edit replaces
@@ -26,6 +37,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 # JavaScript's String.prototype.trim() whitespace. Python's str.strip() differs:
 # it keeps U+FEFF and strips a few control characters that JavaScript keeps.
@@ -41,6 +53,9 @@ _SECTION = re.compile(r"^\[([^\]]*)\][" + re.escape(JS_WHITESPACE) + r"]*$")
 _JS_LINE_TERMINATORS = "\u2028\u2029"
 
 BOM = "\ufeff"
+
+Value = str | bool | None
+_MISSING: Final = object()
 
 
 @dataclass(frozen=True)
@@ -64,14 +79,16 @@ class Entry:
 
     ``value_start``/``value_end`` cover the raw value text that npm decodes
     into ``value``: the trimmed text after ``=`` up to an inline comment, or
-    the whole quoted string. Replacing that span replaces the value.
+    the whole quoted string. Replacing that span replaces the value. A key
+    with no ``=`` has the value True and an empty span at the end of the
+    line; writing into that span would extend the key, not set a value.
     """
 
     line: Line
     section: str | None
     key: str
     is_array: bool
-    value: str | bool
+    value: str | bool | None
     value_start: int
     value_end: int
 
@@ -94,6 +111,8 @@ class Document:
         self.lines: list[Line] = list(_split_lines(text))
         self.entries: list[Entry] = []
         self.comments: list[Comment] = []
+        # Decoded section names in file order, repeats included.
+        self.section_names: list[str] = []
         self._parse()
 
     @classmethod
@@ -122,22 +141,28 @@ class Document:
             return "\n"
         return max(counts, key=lambda nl: counts[nl])
 
-    def values(self) -> dict[str, str | bool | list[str | bool]]:
-        """Return top-level config as npm would see it (before env expansion)."""
-        result: dict[str, str | bool | list[str | bool]] = {}
+    def values(self) -> dict[str, Value | list[Value]]:
+        """Return top-level config as npm would see it (before env expansion).
+
+        A key that a ``[section]`` turns into an object in npm's result is
+        left out, as npm has no usable setting under that name.
+        """
+        result: dict[str, Value | list[Value]] = {}
         for entry in self.entries:
             if entry.section is not None:
                 continue
-            if entry.is_array:
-                existing = result.get(entry.key)
-                if isinstance(existing, list):
-                    existing.append(entry.value)
-                elif existing is None:
-                    result[entry.key] = [entry.value]
-                else:
-                    result[entry.key] = [existing, entry.value]
-            else:
+            existing = result.get(entry.key, _MISSING)
+            if isinstance(existing, list):
+                # npm keeps an array once there is one, even for "key=".
+                existing.append(entry.value)
+            elif not entry.is_array:
                 result[entry.key] = entry.value
+            elif existing is _MISSING:
+                result[entry.key] = [entry.value]
+            else:
+                result[entry.key] = [existing, entry.value]  # type: ignore[list-item]
+        for name in _section_objects(self.section_names, result):
+            result.pop(name, None)
         return result
 
     def _parse(self) -> None:
@@ -150,11 +175,14 @@ class Document:
             if stripped[0] in ";#":
                 self.comments.append(Comment(line, section, stripped))
                 continue
-            match = _SECTION.match(content)
+            # Node keeps the BOM, so npm's "^\\[" fails on a first line after it.
+            at_bom = self.has_bom and line.start == 0
+            match = None if at_bom else _SECTION.match(content)
             if match:
                 section = decode_value(match.group(1))
+                self.section_names.append(section)
                 continue
-            entry = _parse_entry(content, line, section)
+            entry = _parse_entry(content, line, section, after_bom=at_bom)
             if entry is not None:
                 self.entries.append(entry)
 
@@ -170,10 +198,17 @@ def _split_lines(text: str) -> Iterator[Line]:
         yield Line(number, pos, len(text), "")
 
 
-def _parse_entry(content: str, line: Line, section: str | None) -> Entry | None:
+def _parse_entry(
+    content: str, line: Line, section: str | None, *, after_bom: bool = False
+) -> Entry | None:
+    """Parse one line as npm's ini does, or return None where npm skips it.
+
+    ``after_bom`` says that a BOM, removed from ``content``, came right
+    before it: npm counts it as a key character that trimming then drops.
+    """
     equals = content.find("=")
     raw_key = content if equals < 0 else content[:equals]
-    if not raw_key:
+    if not raw_key and not after_bom:
         return None  # "=value": npm's pattern needs at least one key character
     if equals >= 0 and any(c in _JS_LINE_TERMINATORS for c in content[equals:]):
         return None
@@ -191,12 +226,76 @@ def _parse_entry(content: str, line: Line, section: str | None) -> Entry | None:
     offset = line.start + equals + 1
     raw = content[equals + 1 :]
     span_start, span_end = _value_span(raw)
-    value: str | bool = decode_value(raw)
-    if value in ("true", "false"):
-        value = value == "true"
+    value = _literal(decode_value(raw))
     return Entry(
         line, section, key, is_array, value, offset + span_start, offset + span_end
     )
+
+
+def _literal(text: str) -> Value:
+    """Map npm's three literal words; every other value stays a string."""
+    if text == "true":
+        return True
+    if text == "false":
+        return False
+    if text == "null":
+        return None
+    return text
+
+
+def _split_section_name(name: str) -> list[str]:
+    """Split on dots not preceded by a backslash, as ini's ``splitSections``."""
+    parts: list[str] = []
+    start = 0
+    search = 0
+    while True:
+        dot = name.find(".", search)
+        if dot < 0:
+            break
+        search = dot + 1
+        if dot > 0 and name[dot - 1] == "\\":
+            continue
+        parts.append(name[start:dot])
+        start = dot + 1
+    parts.append(name[start:])
+    return parts
+
+
+def _section_objects(
+    names: list[str], top: dict[str, Value | list[Value]]
+) -> set[str]:
+    """Return the top-level keys that npm's ini replaces with a section object.
+
+    ``[name]`` claims ``name`` when the key is unset or falsy; afterwards a
+    dotted ``[a.b]`` nests under ``a``, replacing a plain value there, and
+    ``[a\\.b]`` is renamed to ``a.b``. Only the top level is modelled: the
+    nested objects never hold settings npm reads.
+    """
+    objects: list[str] = []
+    claimed: set[str] = set()
+    for name in names:
+        if name == "__proto__" or name in claimed:
+            continue
+        current = top.get(name, _MISSING)
+        # JavaScript's "out[name] || {}": "", false and null are falsy.
+        if current is _MISSING or current in ("", False, None):
+            claimed.add(name)
+            objects.append(name)
+    replaced = set(claimed)
+    for name in objects:
+        parts = _split_section_name(name)
+        last = parts.pop()
+        head = [part for part in parts if part != "__proto__"]
+        if head:
+            value = top.get(head[0], _MISSING)
+            # typeof null and typeof [] are "object", so those stay put.
+            if value is _MISSING or not (value is None or isinstance(value, list)):
+                replaced.add(head[0])
+        else:
+            renamed = last.replace("\\.", ".")
+            if renamed != last:
+                replaced.add(renamed)
+    return replaced
 
 
 def _value_span(raw: str) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -59,7 +60,13 @@ def global_config_path(env: Mapping[str, str]) -> Path | None:
 
 def project_root(start: Path) -> Path | None:
     """Return the nearest directory at or above ``start`` that npm treats as
-    the project: one with ``package.json`` or ``node_modules``."""
+    the project: one with ``package.json`` or ``node_modules``.
+
+    NOTE: npm 11 then goes on up to a ``package.json`` whose ``workspaces``
+    include that directory and uses the workspace root instead; that step
+    is not copied, so inside a workspace the member's own ``.npmrc`` is
+    named where npm reads the root's.
+    """
     current = start.resolve()
     for directory in (current, *current.parents):
         if (directory / "package.json").exists() or (
@@ -72,45 +79,45 @@ def project_root(start: Path) -> Path | None:
 def walk_project_configs(
     roots: list[Path], errors: list[tuple[Path, str]]
 ) -> Iterator[Path]:
-    """Yield every ``.npmrc`` under ``roots``, skipping node_modules and .git.
+    """Yield every ``.npmrc`` file under ``roots``, skipping node_modules and .git.
 
-    Directory symlinks are followed once each; a link back into a tree
-    already being walked is skipped. Unreadable directories and broken
-    links are appended to ``errors`` and the walk goes on.
+    Directory symlinks are followed once each; a link into a tree already
+    being walked is skipped. A ``.npmrc`` that is a directory is walked like
+    any other, and a ``.npmrc`` symlink is yielded even when it is broken so
+    that reading it reports why. Unreadable directories and symlink loops
+    are appended to ``errors`` and the walk goes on.
     """
     seen_links: set[str] = set()
-    walked_roots: list[str] = []
+    walked: list[str] = []
     for root in roots:
         try:
             real_root = os.path.realpath(root, strict=True)
         except OSError as err:
             errors.append((root, _reason(err)))
             continue
-        if os.path.isfile(real_root):
+        if not os.path.isdir(real_root):
             yield root
             continue
-        walked_roots.append(real_root.rstrip(os.sep) + os.sep)
-        stack = [str(root)]
+        walked.append(real_root.rstrip(os.sep) + os.sep)
+        stack = [os.fspath(root)]
         while stack:
             directory = stack.pop()
             try:
                 with os.scandir(directory) as entries:
                     for entry in entries:
                         name = entry.name
-                        if name == CONFIG_NAME:
-                            if entry.is_symlink() or entry.is_file():
-                                yield Path(entry.path)
-                            continue
                         if name in SKIPPED_DIRS:
                             continue
+                        # d_type answers these two without a stat call.
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
                         elif entry.is_symlink():
-                            target = _follow_dir_link(
-                                entry.path, seen_links, walked_roots, errors
-                            )
-                            if target is not None:
+                            if _follow_dir_link(entry.path, seen_links, walked, errors):
                                 stack.append(entry.path)
+                            elif name == CONFIG_NAME and not os.path.isdir(entry.path):
+                                yield Path(entry.path)
+                        elif name == CONFIG_NAME:
+                            yield Path(entry.path)
             except OSError as err:
                 errors.append((Path(directory), _reason(err)))
 
@@ -118,27 +125,29 @@ def walk_project_configs(
 def _follow_dir_link(
     link: str,
     seen: set[str],
-    walked_roots: list[str],
+    walked: list[str],
     errors: list[tuple[Path, str]],
-) -> str | None:
+) -> bool:
+    """Return True when the walk should enter the directory behind ``link``."""
     try:
         target = os.path.realpath(link, strict=True)
     except OSError as err:
-        if getattr(err, "errno", None) is not None and "loop" in _reason(err):
+        if err.errno == errno.ELOOP and os.path.basename(link) != CONFIG_NAME:
             errors.append((Path(link), _reason(err)))
-        return None  # A dangling link is common and harmless.
+        return False  # A dangling link is common and harmless.
     if not os.path.isdir(target):
-        return None
+        return False
     prefix = target.rstrip(os.sep) + os.sep
-    if target in seen or any(prefix.startswith(root) for root in walked_roots):
-        return None
+    if target in seen or any(prefix.startswith(root) for root in walked):
+        return False
     seen.add(target)
-    return target
+    # The tree behind the link counts as walked, so later links into it
+    # are not entered a second time.
+    walked.append(prefix)
+    return True
 
 
 def _reason(err: OSError) -> str:
-    import errno
-
     if err.errno == errno.ELOOP:
         return "symlink loop"
     if err.errno in (errno.EACCES, errno.EPERM):
@@ -152,13 +161,19 @@ def standard_configs(env: Mapping[str, str], cwd: Path) -> list[Located]:
     """Return the project, user and global config paths npm would read from cwd.
 
     Files that do not exist are left out, except the user config, which is
-    where npmguard adds pnpm token helpers.
+    where npmguard adds pnpm token helpers. Outside any project npm uses
+    ``cwd`` itself as the project, and it skips a project file that is the
+    user config (as in a home directory with ``node_modules``).
     """
     found: list[Located] = []
-    root = project_root(cwd)
-    if root is not None and (root / CONFIG_NAME).exists():
-        found.append(Located(root / CONFIG_NAME, "project"))
-    found.append(Located(user_config_path(env), "user"))
+    root = project_root(cwd) or cwd
+    user = user_config_path(env)
+    project = root / CONFIG_NAME
+    if os.path.abspath(project) != os.path.abspath(user) and (
+        project.exists() or project.is_symlink()
+    ):
+        found.append(Located(project, "project"))
+    found.append(Located(user, "user"))
     global_path = global_config_path(env)
     if global_path is not None and global_path.exists():
         found.append(Located(global_path, "global"))

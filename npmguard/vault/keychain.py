@@ -6,6 +6,7 @@ KWallet), the macOS Keychain, or the Windows Credential Locker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from npmguard.errors import VaultError, VaultLockedError, VaultUnavailableError
@@ -36,7 +37,15 @@ class KeychainStore:
         self._keyring = keyring
         self._errors = keyring.errors
         self._service = service
-        backend = keyring.get_keyring()
+        try:
+            backend = keyring.get_keyring()
+        except Exception as err:  # noqa: BLE001 - backends fail in their own ways
+            # keyring raises RuntimeError when a backend named in
+            # PYTHON_KEYRING_BACKEND or keyringrc.cfg is not viable, for
+            # example Secret Service with no daemon on the session bus.
+            raise VaultUnavailableError(
+                _UNAVAILABLE_HINT.format(detail=_first_line(err))
+            ) from err
         self.description = f"keychain ({type(backend).__module__})"
         if _is_fail_backend(backend):
             raise VaultUnavailableError(
@@ -53,10 +62,8 @@ class KeychainStore:
         )
 
     def delete(self, name: str) -> None:
-        try:
+        with contextlib.suppress(_MissingEntry):
             self._call("delete", self._keyring.delete_password, self._service, name)
-        except _MissingEntry:
-            pass
 
     def _call(self, action: str, func, *args):  # type: ignore[no-untyped-def]
         errors = self._errors
@@ -70,20 +77,46 @@ class KeychainStore:
             raise VaultUnavailableError(
                 _UNAVAILABLE_HINT.format(detail="no backend")
             ) from err
+        except errors.InitError as err:
+            # Secret Service raises this when the collection cannot be
+            # opened, for example after the daemon left the bus.
+            raise VaultUnavailableError(
+                _UNAVAILABLE_HINT.format(detail=_first_line(err))
+            ) from err
         except errors.KeyringError as err:
             # keyring's messages never contain the value, but they can be
-            # long; keep the type and the first line.
-            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise VaultError(f"keychain {action} failed: {detail}") from err
+            # long; keep the first line.
+            raise VaultError(f"keychain {action} failed: {_first_line(err)}") from err
         except Exception as err:  # noqa: BLE001 - D-Bus and OS errors vary by backend
-            raise VaultError(
-                f"keychain {action} failed: {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else 'no detail'}"
-            ) from err
+            if _is_unavailable(err):
+                raise VaultUnavailableError(
+                    _UNAVAILABLE_HINT.format(detail=_first_line(err))
+                ) from err
+            raise VaultError(f"keychain {action} failed: {_first_line(err)}") from err
 
 
 class _MissingEntry(Exception):
     pass
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else "no detail"
+    return f"{type(err).__name__}: {first}"
+
+
+def _is_unavailable(err: BaseException) -> bool:
+    """Tell whether ``err`` means that no Secret Service is reachable at all.
+
+    secretstorage raises SecretServiceNotAvailableException before keyring
+    can wrap it, when there is no session bus address or no daemon on the
+    bus. The class is matched by name, so platforms without secretstorage
+    need not import it.
+    """
+    return any(
+        cls.__name__ == "SecretServiceNotAvailableException"
+        for cls in type(err).__mro__
+    )
 
 
 def _is_fail_backend(backend: object) -> bool:
