@@ -69,15 +69,18 @@ def read_config(path: Path) -> ConfigFile:
 def parse_bytes(data: bytes, path: Path) -> Document:
     if b"\x00" in data:
         line = data.count(b"\n", 0, data.index(b"\x00")) + 1
-        raise ConfigFileError("binary data (NUL byte); not a config file", path=path,
-                              line=line)
+        raise ConfigFileError(
+            "binary data (NUL byte); not scanned or changed, check this file by hand",
+            path=path,
+            line=line,
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise ConfigFileError(
-            f"not valid UTF-8 (byte 0x{data[err.start]:02x}); npm would "
-            "misread it, so it is left alone",
+            f"not valid UTF-8 (byte 0x{data[err.start]:02x}); not scanned or "
+            "changed, check this file by hand or save it as UTF-8",
             path=path,
             line=line,
         ) from err

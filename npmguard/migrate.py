@@ -248,7 +248,7 @@ class _Move:
 
     def index_entry(self, path: Path, target: Path) -> dict[str, object]:
         return {
-            "path": str(path),
+            "path": os.path.abspath(path),
             "target": str(target),
             "key": self.finding.key,
             "registry": self.finding.registry,
@@ -269,7 +269,7 @@ def _plan_secure(
     document = config.document
     moves: list[_Move] = []
     for finding in find_credentials(config.path, document):
-        if not finding.is_exposed or finding.entry is None or finding.value is None:
+        if not finding.is_movable or finding.entry is None or finding.value is None:
             continue
         if ids is not None:
             if finding.line not in ids:
@@ -530,6 +530,77 @@ def _plan_restore(
         names += [name, name + RAW_SUFFIX]
         restored.append(finding)
     return replacements, names, restored
+
+
+def restore_orphans(
+    store: CredentialStore, *, dry_run: bool = False
+) -> tuple[list[str], list[str]]:
+    """Put back vault values whose marker line is gone from their file.
+
+    ``npm config set`` and ``npm login`` rewrite the whole user config and
+    drop comments, npmguard's marker lines included. For each indexed entry
+    whose file no longer mentions it and sets no value of its own for that
+    key, the line ``key=value`` is appended. Returns (what was restored,
+    warnings about entries that are kept).
+    """
+    done: list[str] = []
+    warnings: list[str] = []
+    with state_lock():
+        by_path: dict[str, list[tuple[str, dict[str, object]]]] = {}
+        for name, meta in load_index().items():
+            by_path.setdefault(str(meta.get("path", "")), []).append((name, meta))
+        for path_text, entries in by_path.items():
+            path = Path(path_text)
+            try:
+                config = read_config(path)
+            except NpmguardError as err:
+                warnings += [
+                    f"{path}: cannot read it ({err.args[0] if err.args else err}); "
+                    f"keychain entry {name} is kept"
+                    for name, _ in entries
+                ]
+                continue
+            findings = find_credentials(path, config.document)
+            present = {f.vault_name for f in findings if f.vault_name}
+            active = {f.key for f in findings if f.state != "secured"}
+            lines: list[str] = []
+            names: list[str] = []
+            appended: set[str] = set()
+            for name, meta in entries:
+                key = str(meta.get("key", ""))
+                if name in present:
+                    continue
+                if key in active or key in appended:
+                    warnings.append(
+                        f"{path}: sets {key} itself now; keychain entry {name} "
+                        "is kept"
+                    )
+                    continue
+                value = store.get(name)
+                if value is None:
+                    warnings.append(f"{path}: keychain entry {name} is missing")
+                    continue
+                raw = store.get(name + RAW_SUFFIX)
+                text = f"{key}={(raw or value).reveal()}"
+                if not _line_holds(text, key, value):
+                    warnings.append(f"{path}: cannot rebuild the line for {name}")
+                    continue
+                lines.append(text)
+                appended.add(key)
+                names += [name, name + RAW_SUFFIX]
+                done.append(f"restored {key} to {path} (its npmguard line was gone)")
+            if not lines or dry_run:
+                continue
+            newline = config.document.newline_style()
+            body = config.data
+            if body and not body.endswith((b"\n", b"\r")):
+                body += newline.encode()
+            new_data = body + "".join(
+                line + newline for line in lines
+            ).encode("utf-8")
+            check_writable(config)
+            _restore_transaction(config, store, names, new_data)
+    return done, warnings
 
 
 def _line_holds(text: str, key: str, value: Secret) -> bool:

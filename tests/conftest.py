@@ -5,7 +5,8 @@ tmp dir, with no npm, proxy, display or session-bus variables from the outer
 environment, and with the working directory in its tmp dir. While it runs, an
 audit hook makes touching the real home directory, the outer session bus or a
 non-loopback host an error. A test that leaves a non-daemon thread or a child
-process running fails.
+process running fails. A keyring daemon that dies during a test fails that
+test too, and is restarted before the next one.
 
 A passing test's tmp dir is deleted at teardown, and a failed test's is kept
 for debugging. At the end of the run, a file under the pytest base temp dir
@@ -46,7 +47,10 @@ pytest_plugins = ["pytester"]
 
 CANARY_ENV = realparts.CANARY_ENV
 CANARY_RE = realparts.CANARY_RE
-BUS_FIXTURES = ("keyring_bus", "locked_keyring_bus", "bare_bus")
+BUS_FIXTURES = ("keyring_bus", "locked_keyring_bus", "bare_bus", "crash_keyring_bus")
+# Keychains made for one test and stopped after it, so the guard only checks
+# their daemon instead of resetting them.
+_PER_TEST_BUSES = frozenset({"crash_keyring_bus"})
 
 # Variables of the outer environment that would point npm, pnpm, keyring or
 # a child process at the user's real configuration or credentials.
@@ -100,6 +104,8 @@ class _Session:
     # tmp dirs of failed tests, kept for debugging; a test may write the
     # canary into its own tmp dir, so the sweep skips them.
     kept_dirs: list[Path] = field(default_factory=list)
+    # One line per keyring daemon that died, for the end-of-run summary.
+    daemon_deaths: list[str] = field(default_factory=list)
 
 
 _SESSION = _Session()
@@ -168,6 +174,14 @@ def pytest_runtest_makereport(
     outcome = yield
     report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
     item.stash.setdefault(_REPORTS, {})[report.when] = report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _SESSION.daemon_deaths:
+        return
+    terminalreporter.section("keyring daemons that died", sep="-", red=True)
+    for line in _SESSION.daemon_deaths:
+        terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(trylast=True)
@@ -296,6 +310,10 @@ def _npmguard_guard(
     chain: realparts.Keychain | None = None
     if buses:
         chain = request.getfixturevalue(buses[0])
+        # A daemon that died after the last reset is restarted, so that this
+        # test does not fail for something it did not do.
+        before = f"found dead before {request.node.nodeid}"
+        _note_death(chain.revive(), buses[0], before)
         for name, value in chain.env.items():
             monkeypatch.setenv(name, value)
     if "display" in request.fixturenames:
@@ -333,12 +351,22 @@ def _npmguard_guard(
     problems += _leaked_children(children_before)
     _reset_keyring_backend()
     if chain is not None:
-        # The next test gets the keychain as the fixture promises: emptied
-        # and unlocked, or locked again after a test unlocked it.
+        # The next test gets the keychain that the fixture promises: emptied
+        # and unlocked (or locked again after a test unlocked it), with a
+        # running daemon even if the daemon died during this test.
         try:
-            chain.reset()
+            if buses[0] in _PER_TEST_BUSES:
+                death = chain.check_daemon()
+            else:
+                death = chain.reset()
         except realparts.RealPartsError as err:
             problems.append(f"could not reset {buses[0]}: {err}")
+        else:
+            line = _note_death(death, buses[0], f"died during {request.node.nodeid}")
+            if line is not None:
+                # The test ran against a keychain that disappeared, so it
+                # fails whatever it asserted.
+                problems.append(line)
 
     reports = request.node.stash.get(_REPORTS, {})
     passed = all(
@@ -360,6 +388,21 @@ def _npmguard_guard(
         problems = problems[len(violations) :]
     if problems:
         pytest.fail("access or leak guard:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def _note_death(
+    death: realparts.DaemonDeath | None, bus: str, where: str
+) -> str | None:
+    """Record a dead keyring daemon for the end-of-run summary.
+
+    Return the failure message with the daemon's last log lines, or None
+    when no daemon died.
+    """
+    if death is None:
+        return None
+    subject = f"the keyring daemon of {bus} {where}"
+    _SESSION.daemon_deaths.append(f"{subject}: {death.describe(with_log=False)}")
+    return f"{subject}: {death.describe()}"
 
 
 def _reset_keyring_backend() -> None:
@@ -475,6 +518,23 @@ def keyring_bus(
         yield chain
     finally:
         restore()
+        chain.stop()
+
+
+@pytest.fixture
+def crash_keyring_bus(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[realparts.Keychain]:
+    """A private bus and unlocked gnome-keyring for one test, stopped after it.
+
+    Tests that SIGKILL npmguard in the middle of its work use it, so that
+    neither the state they leave nor a daemon that dies under them reaches
+    another test.
+    """
+    chain = realparts.start_keychain(tmp_path_factory.mktemp("crash-keyring"))
+    try:
+        yield chain
+    finally:
         chain.stop()
 
 

@@ -21,7 +21,7 @@ die() { log "ERROR: $*"; exit 1; }
 VERDACCIO_VERSION=6.8.0
 # Newer Verdaccio and pnpm releases need Node 22, and the machines have Node 20.
 PNPM_RANGE=10
-APT_PACKAGES=(gnome-keyring xvfb libnotify-bin dbus)
+APT_PACKAGES=(gnome-keyring xvfb libnotify-bin dbus systemd shellcheck)
 
 apt_install() {
   [ "$(id -u)" -eq 0 ] || die "missing Debian packages: $*; install them as root"

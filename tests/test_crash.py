@@ -155,7 +155,7 @@ class Scene:
 
 @pytest.fixture
 def scene(
-    keyring_bus: realparts.Keychain, home: Path, tmp_path: Path, canary: str
+    crash_keyring_bus: realparts.Keychain, home: Path, tmp_path: Path, canary: str
 ) -> Scene:
     work = tmp_path / "work"
     token_b = "npm_" + secrets.token_hex(18)
@@ -179,7 +179,7 @@ def scene(
     scene = Scene(
         home=home,
         work=work,
-        chain=keyring_bus,
+        chain=crash_keyring_bus,
         originals={},
         modes={},
         tokens={canary, AUTH, PASSWORD, token_b, semi, quoted},

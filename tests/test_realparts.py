@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -100,6 +101,172 @@ def test_keychain_lock_unlock_and_wrong_password(tmp_path: Path) -> None:
     finally:
         chain.stop()
     assert not chain.bus.process.alive()
+
+
+def _kill_daemon(chain: realparts.Keychain) -> realparts.ManagedProcess:
+    """SIGKILL the keychain's daemon, a child of this process, by its PID."""
+    daemon = chain.daemon
+    assert daemon is not None and daemon.alive()
+    daemon.popen.kill()
+    daemon.popen.wait(timeout=10)
+    return daemon
+
+
+def test_revive_restarts_dead_daemon(tmp_path: Path) -> None:
+    chain = realparts.start_keychain(tmp_path / "kc")
+    try:
+        with chain.default_collection() as collection:
+            collection.create_item("probe", {"app": "npmguard-realparts"}, b"value")
+        assert chain.revive() is None, "a running daemon is left alone"
+        address, bus_pid = chain.address, chain.bus.process.pid
+        dead = _kill_daemon(chain)
+
+        death = chain.revive()
+        assert death is not None
+        assert death.pid == dead.pid
+        assert death.returncode == -signal.SIGKILL
+        assert "was killed by SIGKILL" in death.describe()
+        assert chain.daemon is not None
+        assert chain.daemon.alive()
+        assert chain.daemon.pid != dead.pid
+        assert death.restarted_pid == chain.daemon.pid
+        assert chain.check_daemon() is None
+        assert chain.deaths == [death]
+        assert chain.address == address
+        assert chain.bus.process.pid == bus_pid
+        # Same keyring file and password: the item is still there, unlocked.
+        assert not chain.is_locked()
+        with chain.default_collection() as collection:
+            items = list(collection.search_items({"app": "npmguard-realparts"}))
+            assert [item.get_secret() for item in items] == [b"value"]
+
+        _kill_daemon(chain)
+        second = chain.reset()
+        assert len(chain.deaths) == 2
+        assert second is chain.deaths[-1]
+        assert not chain.is_locked()
+        assert chain.clear() == 0, "reset empties the revived keychain"
+    finally:
+        chain.stop()
+    assert not chain.bus.process.alive()
+    assert chain.daemon is not None and not chain.daemon.alive()
+
+
+def test_reset_revives_locked_keychain(tmp_path: Path) -> None:
+    chain = realparts.start_keychain(tmp_path / "kc", locked=True)
+    try:
+        _kill_daemon(chain)
+        death = chain.reset()
+        assert death is not None
+        assert death.returncode == -signal.SIGKILL
+        assert chain.is_locked()
+    finally:
+        chain.stop()
+
+
+def test_check_daemon_reports_once(tmp_path: Path) -> None:
+    chain = realparts.start_keychain(tmp_path / "kc")
+    try:
+        assert chain.check_daemon() is None
+        dead = _kill_daemon(chain)
+        death = chain.check_daemon()
+        assert death is not None
+        assert death.pid == dead.pid
+        assert death.restarted_pid is None
+        assert chain.check_daemon() is None
+        assert chain.daemon is dead
+        # revive still restarts it, without reporting the death again.
+        assert chain.revive() is None
+        assert chain.daemon is not dead
+        assert chain.daemon is not None
+        assert chain.daemon.alive()
+    finally:
+        chain.stop()
+    assert dead.pid not in realparts.leak_exempt_pids()
+
+
+def test_admitted_connection_reads_property(keyring_bus: realparts.Keychain) -> None:
+    from jeepney import DBusAddress, MessageType, Properties
+
+    collection = DBusAddress(
+        realparts.DEFAULT_COLLECTION,
+        realparts.SECRETS_BUS_NAME,
+        "org.freedesktop.Secret.Collection",
+    )
+    with keyring_bus.admitted_connection() as conn:
+        reply = conn.send_and_get_reply(Properties(collection).get("Label"), timeout=5)
+    assert reply.header.message_type == MessageType.method_return
+    assert reply.body[0][1] == "Login"
+
+
+_DAEMON_DEATH_TESTS = """
+import keyring
+
+ADDRESSES = {}
+
+
+def _kill(chain):
+    chain.daemon.popen.kill()
+    chain.daemon.popen.wait(timeout=10)
+
+
+def test_shared_daemon_killed(keyring_bus):
+    keyring.set_password("npmguard-realparts", "alice", "value")
+    _kill(keyring_bus)
+
+
+def test_shared_keychain_after_kill(keyring_bus):
+    ADDRESSES["shared"] = keyring_bus.address
+    assert keyring_bus.daemon.alive()
+    assert keyring.get_password("npmguard-realparts", "alice") is None
+    keyring.set_password("npmguard-realparts", "bob", "value")
+    assert keyring.get_password("npmguard-realparts", "bob") == "value"
+
+
+def test_crash_keychain_own(crash_keyring_bus):
+    ADDRESSES["own"] = crash_keyring_bus.address
+    assert crash_keyring_bus.address != ADDRESSES["shared"]
+    keyring.set_password("npmguard-realparts", "carol", "value")
+
+
+def test_crash_keychain_killed(crash_keyring_bus):
+    assert crash_keyring_bus.address not in (ADDRESSES["shared"], ADDRESSES["own"])
+    assert keyring.get_password("npmguard-realparts", "carol") is None
+    _kill(crash_keyring_bus)
+
+
+def test_shared_keychain_still_serves(keyring_bus):
+    assert keyring.get_password("npmguard-realparts", "bob") is None
+"""
+
+
+def test_guard_daemon_death(pytester: pytest.Pytester) -> None:
+    here = Path(__file__).parent
+    pytester.makeconftest((here / "conftest.py").read_text())
+    (pytester.path / "realparts.py").write_text((here / "realparts.py").read_text())
+    pytester.makepyfile(test_inner=_DAEMON_DEATH_TESTS)
+
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    output = result.stdout.str()
+
+    # The two tests that kill a daemon pass their own assertions and then
+    # error at teardown; the tests after them pass.
+    result.assert_outcomes(passed=5, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_shared_daemon_killed*",
+            "*keyring daemon of keyring_bus died during "
+            "test_inner.py::test_shared_daemon_killed*was killed by SIGKILL*"
+            "restarted as pid*",
+            "*ERROR at teardown of test_crash_keychain_killed*",
+            "*keyring daemons that died*",
+        ]
+    )
+    summary = output.split("keyring daemons that died")[1]
+    killed = "crash_keyring_bus died during test_inner.py::test_crash_keychain_killed"
+    assert killed in summary
+    assert "test_shared_keychain_after_kill" not in summary
+    assert "test_shared_keychain_still_serves" not in summary
 
 
 # --------------------------------------------------------------------------

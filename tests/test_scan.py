@@ -248,7 +248,10 @@ def test_json_error_entry(world: World) -> None:
         {
             "path": str(path),
             "line": 2,
-            "message": "binary data (NUL byte); not a config file",
+            "message": (
+                "binary data (NUL byte); not scanned or changed, "
+                "check this file by hand"
+            ),
         }
     ]
 

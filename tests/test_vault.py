@@ -1,7 +1,8 @@
 """One conformance suite for every credential store npmguard ships.
 
-``MemoryStore`` and ``KeychainStore`` on a real gnome-keyring (Secret
-Service on a private D-Bus bus) must behave the same. The keychain's
+``MemoryStore``, ``KeychainStore`` on a real gnome-keyring (Secret Service
+on a private D-Bus bus), ``FileVault`` on a real file and ``DaemonStore``
+talking to a daemon over its socket must behave the same. The keychain's
 failure modes (locked, no daemon, no bus at all) must reach the user as one
 line and exit code 2, fast.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import realparts
+from test_filevault import CHEAP_KDF, PASSPHRASE, stand_in_daemon
 
 from npmguard.errors import (
     CredentialNotFoundError,
@@ -25,7 +27,13 @@ from npmguard.errors import (
     VaultUnavailableError,
 )
 from npmguard.secret import Secret
-from npmguard.vault import CredentialStore, KeychainStore, MemoryStore
+from npmguard.vault import (
+    CredentialStore,
+    DaemonStore,
+    FileVault,
+    KeychainStore,
+    MemoryStore,
+)
 from npmguard.vault.base import require
 
 NAME = "//registry.example.com:8443/repo/:_authToken#0a1b2c3d4e"
@@ -33,14 +41,23 @@ NAME = "//registry.example.com:8443/repo/:_authToken#0a1b2c3d4e"
 FAIL_FAST_SECONDS = 5.0
 
 
-@pytest.fixture(params=["memory", "keychain"])
+@pytest.fixture(params=["memory", "keychain", "file", "daemon"])
 def store(
     request: pytest.FixtureRequest, keyring_bus: realparts.Keychain
 ) -> Iterator[CredentialStore]:
     if request.param == "memory":
         yield MemoryStore()
-    else:
+    elif request.param == "keychain":
         yield KeychainStore()
+    elif request.param == "file":
+        vault = FileVault()
+        vault.create(Secret(PASSPHRASE), kdf=CHEAP_KDF)
+        yield vault
+    else:
+        # The daemon's file vault, through the stand-in daemon's socket.
+        with stand_in_daemon(request.getfixturevalue("tmp_path")) as daemon:
+            daemon.unlock_new_vault()
+            yield DaemonStore()
 
 
 def _pem_key() -> str:
@@ -300,7 +317,9 @@ def test_unavailable_cli_secure(
     try:
         assert result.returncode == 2
         assert len(result.stderr.splitlines()) == 1, result.stderr
-        assert "keychain" in result.stderr
+        # With no keychain, the file vault is used, and it is locked.
+        assert "no OS keychain is usable" in result.stderr
+        assert "npmguard unlock" in result.stderr
         assert "Traceback" not in result.stderr
         assert npmrc.read_bytes() == original
     finally:

@@ -73,13 +73,13 @@ def _variables_direct(registry: str | None) -> dict[str, str]:
     effective = Effective(os.environ, Path.cwd())
     for error in effective.errors:
         print(f"npmguard: {error}", file=sys.stderr)
-    store = open_default_store() if (effective.secured() or pending_journal()) else None
+    if not (effective.secured() or pending_journal()):
+        return {}
+    store = open_default_store()
     if pending_journal():
         recover(lambda: store)
         effective = Effective(os.environ, Path.cwd())
-    if store is None:
-        return {}
-    return exec_environment(effective, store, registry)  # type: ignore[arg-type]
+    return exec_environment(effective, store, registry)
 
 
 class DaemonError(NpmguardError):

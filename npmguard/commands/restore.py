@@ -15,7 +15,13 @@ from npmguard.errors import (
     VaultUnavailableError,
 )
 from npmguard.inject.helpers import sync_token_helpers
-from npmguard.migrate import load_index, recover, restore_file, state_lock
+from npmguard.migrate import (
+    load_index,
+    recover,
+    restore_file,
+    restore_orphans,
+    state_lock,
+)
 from npmguard.npmrc.locate import user_config_path
 from npmguard.vault import open_default_store
 
@@ -43,11 +49,20 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{verb} {finding.kind} for {finding.registry or '-'} at "
                       f"{display_path(finding.path)}:{finding.line}")
             restored += len(result.moved)
+        if not args.paths:
+            done, warnings = restore_orphans(store, dry_run=args.dry_run)
+            for message in done:
+                print(message)
+            for message in warnings:
+                print(f"npmguard: {message}", file=sys.stderr)
+            restored += len(done)
         if not args.dry_run:
             user = user_config_path(os.environ)
             if user.exists():
                 try:
-                    for message in sync_token_helpers(user, secured_registries()):
+                    for message in sync_token_helpers(
+                        user, secured_registries(), add=False
+                    ):
                         print(message)
                 except NpmguardError as err:
                     print(f"npmguard: {err}", file=sys.stderr)

@@ -97,6 +97,13 @@ def file_flags(
     it is None this file's repository is asked on its own.
     """
     flags: list[str] = []
+    try:
+        if os.stat(config.target).st_nlink > 1:
+            # An atomic rewrite replaces one name only; other links keep
+            # the old content.
+            flags.append("hard-linked")
+    except OSError:
+        pass
     if config.mode & stat.S_IROTH:
         flags.append("world-readable")
     elif config.mode & stat.S_IRGRP:

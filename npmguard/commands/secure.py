@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from npmguard.commands.common import discover, display_path
 from npmguard.errors import (
@@ -13,7 +14,9 @@ from npmguard.errors import (
     VaultLockedError,
     VaultUnavailableError,
 )
+from npmguard.files import read_config
 from npmguard.inject.helpers import sync_token_helpers
+from npmguard.npmrc.credentials import find_credentials
 from npmguard.migrate import load_index, recover, secure_file, state_lock
 from npmguard.npmrc.locate import user_config_path
 from npmguard.vault import open_default_store
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
                     f"(fingerprint {finding.fingerprint})"
                 )
             moved += len(result.moved)
+            _warn_unmovable(located.path, bool(result.moved))
 
         if not args.dry_run and _want_helpers(args.token_helper):
             try:
@@ -67,6 +71,28 @@ def run(args: argparse.Namespace) -> int:
     if moved == 0 and not failed:
         print("No plaintext credentials found; nothing to do.")
     return 2 if failed else 0
+
+
+def _warn_unmovable(path: Path, changed: bool) -> None:
+    """Say what ``secure`` could not fix in ``path``: URL passwords, hard links."""
+    try:
+        config = read_config(path)
+    except NpmguardError:
+        return
+    for finding in find_credentials(path, config.document):
+        if finding.is_exposed and not finding.is_movable:
+            print(
+                f"npmguard: {display_path(path)}:{finding.line}: {finding.detail}",
+                file=sys.stderr,
+            )
+    links = os.stat(config.target).st_nlink
+    if changed and links > 1:
+        print(
+            f"npmguard: {display_path(path)}: the file had {links} hard links; "
+            "the other names still point at the old content with the plaintext, "
+            "so delete or replace them",
+            file=sys.stderr,
+        )
 
 
 def _want_helpers(mode: str) -> bool:

@@ -3,9 +3,10 @@
 install writes the unit for this OS (see ``npmguard.service``) with the path
 of this npmguard, then enables and starts it. It exits 0 once the unit is
 written, even when the service manager cannot start it (no systemd user
-instance in a container): it says so on stderr, with what to run instead.
-Exit codes of status: 0 running, 3 installed but not running (or the service
-manager could not be asked), 4 not installed, like ``systemctl status``.
+instance in a container). It then reports that on stderr, with the command
+to run instead. Exit codes of status: 0 running, 3 installed but not
+running (or the service manager could not be queried), 4 not installed,
+like ``systemctl status``.
 """
 
 from __future__ import annotations

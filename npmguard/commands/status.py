@@ -56,7 +56,8 @@ def _summary(reply: dict[str, Any]) -> str:
     if reply.get("paused"):
         lines.append("paused: config file changes are held until resumed")
     if reply.get("vault_locked"):
-        lines.append("vault: locked; unlock the keychain to hand out tokens")
+        lines.append("vault: locked; token requests fail until it is unlocked "
+                     "(`npmguard unlock` for the file vault)")
     if reply.get("error"):
         lines.append(f"error: {reply['error']}")
     exposures = reply.get("exposures") or []

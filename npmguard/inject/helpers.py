@@ -54,9 +54,9 @@ def write_helper_script(registry: str) -> Path:
     return path
 
 
-def _helper_pairs(document: Document) -> dict[str, tuple[int, int]]:
-    """Return registry -> (marker line, helper line) for npmguard's helper lines."""
-    pairs: dict[str, tuple[int, int]] = {}
+def _helper_pairs(document: Document) -> dict[str, tuple[int, ...]]:
+    """Return registry -> line numbers of npmguard's helper lines (and marker)."""
+    pairs: dict[str, tuple[int, ...]] = {}
     lines = document.lines
     for i, line in enumerate(lines[:-1]):
         if document.line_text(line) != HELPER_MARKER:
@@ -67,10 +67,26 @@ def _helper_pairs(document: Document) -> dict[str, tuple[int, int]]:
         registry, kind = split_credential_key(entry.key)
         if kind == "tokenHelper" and registry:
             pairs[registry] = (line.number, lines[i + 1].number)
+    # npm's own writer (``npm config set``, ``npm login``) drops comments but
+    # keeps the helper line; it is still ours when it names our script.
+    own_lines = {n for pair in pairs.values() for n in pair}
+    for entry in document.entries:
+        registry, kind = split_credential_key(entry.key)
+        if (
+            kind == "tokenHelper"
+            and registry
+            and registry not in pairs
+            and entry.line.number not in own_lines
+            and entry.section is None
+            and entry.value == str(helper_script_path(registry))
+        ):
+            pairs[registry] = (entry.line.number,)
     return pairs
 
 
-def _foreign_helpers(document: Document, ours: dict[str, tuple[int, int]]) -> set[str]:
+def _foreign_helpers(
+    document: Document, ours: dict[str, tuple[int, ...]]
+) -> set[str]:
     own_lines = {n for pair in ours.values() for n in pair}
     found = set()
     for entry in document.entries:
@@ -80,8 +96,13 @@ def _foreign_helpers(document: Document, ours: dict[str, tuple[int, int]]) -> se
     return found
 
 
-def sync_token_helpers(user_config: Path, registries: set[str]) -> list[str]:
+def sync_token_helpers(
+    user_config: Path, registries: set[str], *, add: bool = True
+) -> list[str]:
     """Make the user config's npmguard helper lines cover exactly ``registries``.
+
+    With ``add=False`` lines are only removed, never added: ``restore`` uses
+    that so that a ``secure --token-helper never`` run stays without them.
 
     New lines go at the top of the file so that no ``[section]`` captures
     them. A registry the user already gave a helper of their own is left
@@ -106,6 +127,8 @@ def sync_token_helpers(user_config: Path, registries: set[str]) -> list[str]:
         ours = _helper_pairs(document)
         foreign = _foreign_helpers(document, ours)
         wanted = {r for r in registries if r not in foreign}
+        if not add:
+            wanted &= set(ours)
         to_add = sorted(wanted - set(ours))
         to_remove = sorted(set(ours) - wanted)
         # Scripts first: a config line must never name a missing script.

@@ -76,6 +76,11 @@ class Finding:
     value: Secret | None = field(default=None, repr=False, compare=False)
 
     @property
+    def is_movable(self) -> bool:
+        """Whether ``secure`` can move this plaintext value into the vault."""
+        return self.is_exposed and self.kind != URL_PASSWORD_KIND
+
+    @property
     def is_exposed(self) -> bool:
         return self.state == "plaintext"
 
@@ -131,6 +136,38 @@ def parse_marker(document: Document, line: Line) -> Marker | None:
     return Marker(match.group(1), entry, line)
 
 
+# A URL with a password in its userinfo, such as http://user:pass@host/.
+_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:([^/?#@\s]+)@")
+URL_PASSWORD_KIND = "url-password"
+
+
+def _url_password(path: Path, entry: Entry) -> Finding | None:
+    """Report a password embedded in a URL setting (``registry``, ``proxy``).
+
+    npm sends such a password and writes the URL into its cache, so it is as
+    exposed as a token; npmguard reports it but cannot move it, because the
+    URL itself is the setting.
+    """
+    if not isinstance(entry.value, str):
+        return None
+    match = _URL_PASSWORD.match(entry.value)
+    if match is None:
+        return None
+    secret = Secret(match.group(1))
+    finding = Finding(
+        path, entry.line.number, entry.key, None, URL_PASSWORD_KIND, "plaintext"
+    )
+    finding.entry = entry
+    finding.value = secret
+    finding.fingerprint = secret.fingerprint
+    finding.section = entry.section
+    finding.detail = (
+        f"password inside the {entry.key} URL; npmguard cannot move it, "
+        "remove it from the URL and use _authToken or _auth instead"
+    )
+    return finding
+
+
 def find_credentials(path: Path, document: Document) -> list[Finding]:
     """Return every credential line of ``document``, in file order.
 
@@ -148,6 +185,9 @@ def find_credentials(path: Path, document: Document) -> list[Finding]:
         # NOTE: a key such as "${REG}:_authToken" only names a registry after
         # npm expands it, so it is not reported.
         if kind not in CREDENTIAL_KINDS or entry.is_array:
+            url_finding = _url_password(path, entry)
+            if url_finding is not None:
+                findings.append(url_finding)
             continue
         if registry is None:
             registry = file_registry

@@ -34,7 +34,9 @@ def npm_env(env: Mapping[str, str], name: str) -> str | None:
 def user_config_path(env: Mapping[str, str]) -> Path:
     configured = npm_env(env, "userconfig")
     if configured:
-        return Path(os.path.expanduser(configured))
+        # npm resolves a relative setting against the working directory;
+        # keep it absolute so that later runs elsewhere find the same file.
+        return Path(os.path.abspath(os.path.expanduser(configured)))
     home = env.get("HOME") or os.path.expanduser("~")
     return Path(home) / CONFIG_NAME
 
@@ -47,7 +49,7 @@ def global_config_path(env: Mapping[str, str]) -> Path | None:
     """
     configured = npm_env(env, "globalconfig")
     if configured:
-        return Path(os.path.expanduser(configured))
+        return Path(os.path.abspath(os.path.expanduser(configured)))
     prefix = npm_env(env, "prefix") or env.get("PREFIX")
     if not prefix:
         node = shutil.which("node", path=env.get("PATH"))

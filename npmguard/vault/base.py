@@ -4,8 +4,35 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from npmguard.errors import CredentialNotFoundError
+from npmguard.errors import (
+    CredentialNotFoundError,
+    VaultError,
+    VaultLockedError,
+)
 from npmguard.secret import Secret
+
+
+class Passphrase(Secret):
+    """A vault passphrase; unlike a ``Secret``, its repr shows no characters."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Passphrase(<hidden>)"
+
+    __str__ = __repr__
+
+
+class WrongPassphraseError(VaultLockedError):
+    """The passphrase does not open the file vault."""
+
+
+class VaultCorruptError(VaultError):
+    """The vault file is damaged, truncated, altered or not a vault file."""
+
+
+class VaultMissingError(VaultError):
+    """No vault file exists yet."""
 
 
 class CredentialStore(Protocol):

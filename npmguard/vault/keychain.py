@@ -11,6 +11,7 @@ import logging
 
 from npmguard.errors import VaultError, VaultLockedError, VaultUnavailableError
 from npmguard.secret import Secret
+from npmguard.vault.base import CredentialStore
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,8 @@ def _is_fail_backend(backend: object) -> bool:
     return module == "keyring.backends.chainer" and not backends
 
 
-def open_default_store() -> KeychainStore:
-    """Open the keychain store, or raise a ``VaultError`` that says what to do."""
-    return KeychainStore()
+def open_default_store() -> CredentialStore:
+    """Open the store the settings select; kept here for older imports."""
+    from npmguard.vault.select import open_store
+
+    return open_store()

@@ -1,8 +1,8 @@
 """Look at the keychain without changing it, for ``npmguard doctor``.
 
-``probe_keychain`` says which keyring backend would be used, whether it
-works and whether it is locked. It never stores anything and never asks
-for a password: for the Secret Service it reads the collection's ``Locked``
+``probe_keychain`` reports which keyring backend would be used, whether it
+works and whether it is locked. It never stores anything and never prompts
+for a password. For the Secret Service it reads the collection's ``Locked``
 property over D-Bus (with a timeout) instead of opening the collection,
 which would pop up an unlock prompt. Other backends are asked for an entry
 that does not exist; the macOS Keychain may show its own unlock dialog then.
@@ -25,12 +25,12 @@ _PROBE_ENTRY = "npmguard-doctor-probe"
 
 @dataclass(frozen=True)
 class KeychainProbe:
-    """What ``probe_keychain`` found.
+    """Result of ``probe_keychain``.
 
     ``backend`` is the keyring backend's module and class, or None when
-    keyring has none. ``locked`` is None when it could not be told (no
-    collection yet, or a backend with no lock to ask about). ``error`` is
-    one line, None when the backend answered.
+    keyring has none. ``locked`` is None when it could not be determined
+    (no collection yet, or a backend without a lock state). ``error`` is one
+    line, or None when the backend replied.
     """
 
     backend: str | None
@@ -62,7 +62,7 @@ def probe_keychain(timeout: float = 5.0) -> KeychainProbe:
 
 
 def _effective(backend: Any) -> Any | None:
-    """The backend that answers: the first one a chainer holds, or None."""
+    """Return the backend that serves requests: a chainer's first one, or None."""
     module = type(backend).__module__
     if module == "keyring.backends.fail":
         return None

@@ -1,0 +1,1 @@
+"""The background daemon: watcher, socket server and tray, each a worker."""
