@@ -236,18 +236,24 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
+def _write_synced(temp: Path, data: bytes, mode: int) -> None:
+    """Write ``temp`` with ``data`` and exactly ``mode``, flushed to disk."""
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        # The umask may have narrowed the mode os.open set.
+        os.fchmod(fd, mode)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write npmguard's own state file atomically with ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = _private_temp(path)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(temp, data, mode)
         os.replace(temp, path)
     except BaseException:
         _unlink_quietly(temp)
@@ -265,13 +271,7 @@ def create_file(path: Path, data: bytes, tag: str, mode: int = 0o600) -> None:
     """
     temp = temp_path_for(path, tag)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(temp, data, mode)
         os.link(temp, path)
     except FileExistsError as err:
         raise FileChangedError(

@@ -66,7 +66,7 @@ from npmguard.npmrc.credentials import (
 )
 from npmguard.npmrc.ini import Document
 from npmguard.secret import Secret
-from npmguard.vault.base import CredentialStore, require
+from npmguard.vault.base import CredentialStore, LazyStore, require
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,36 @@ def _drop_journal(txid: str) -> None:
 
 def _new_txid() -> str:
     return secrets.token_hex(8)
+
+
+def _new_record(
+    op: str,
+    target: Path,
+    display: Path,
+    before: bytes | None,
+    after: bytes,
+    *,
+    names: list[str],
+    phase: str = "writing",
+    **extra: object,
+) -> dict[str, object]:
+    """Return a new journal record for ``op`` on ``target``, not yet written.
+
+    ``extra`` contains the fields only one kind of transaction needs. They
+    go before ``names``, in the order secure records already use.
+    """
+    return {
+        "txid": _new_txid(),
+        "op": op,
+        "path": str(target),
+        "display_path": str(display),
+        "before": _sha(before),
+        "after": _sha(after),
+        **extra,
+        "names": names,
+        "phase": phase,
+        "created": time.time(),
+    }
 
 
 # An flock lock belongs to an open file, so a second flock in the same
@@ -368,22 +398,20 @@ def secure_file(
 def _secure_transaction(
     config: ConfigFile, store: CredentialStore, moves: list[_Move], new_data: bytes
 ) -> None:
-    txid = _new_txid()
-    after = _sha(new_data)
-    record: dict[str, object] = {
-        "txid": txid,
-        "op": "secure",
-        "path": str(config.target),
-        "display_path": str(config.path),
-        "before": _sha(config.data),
-        "after": after,
-        "ids": {str(m.finding.line): m.vault_id for m in moves},
-        "index": {m.name: m.index_entry(config.path, config.target) for m in moves},
+    record = _new_record(
+        "secure",
+        config.target,
+        config.path,
+        config.data,
+        new_data,
         # Every name this run may write, so a run killed mid-way can be undone.
-        "names": [n for m in moves for n in (m.name, m.name + RAW_SUFFIX)],
-        "phase": "storing",
-        "created": time.time(),
-    }
+        names=[n for m in moves for n in (m.name, m.name + RAW_SUFFIX)],
+        phase="storing",
+        ids={str(m.finding.line): m.vault_id for m in moves},
+        index={m.name: m.index_entry(config.path, config.target) for m in moves},
+    )
+    txid = str(record["txid"])
+    after = record["after"]
     _write_journal(record)
     stored: list[str] = []
     try:
@@ -624,19 +652,11 @@ def _line_holds(text: str, key: str, value: Secret) -> bool:
 def _restore_transaction(
     config: ConfigFile, store: CredentialStore, names: list[str], new_data: bytes
 ) -> None:
-    txid = _new_txid()
-    after = _sha(new_data)
-    record: dict[str, object] = {
-        "txid": txid,
-        "op": "restore",
-        "path": str(config.target),
-        "display_path": str(config.path),
-        "before": _sha(config.data),
-        "after": after,
-        "names": names,
-        "phase": "writing",
-        "created": time.time(),
-    }
+    record = _new_record(
+        "restore", config.target, config.path, config.data, new_data, names=names
+    )
+    txid = str(record["txid"])
+    after = record["after"]
     _write_journal(record)
     try:
         replace_file(config, new_data, txid)
@@ -689,21 +709,9 @@ def create_journaled(path: Path, data: bytes) -> None:
 def _journal_rewrite(
     target: Path, display: Path, before: bytes | None, after: bytes
 ) -> str:
-    txid = _new_txid()
-    _write_journal(
-        {
-            "txid": txid,
-            "op": "rewrite",
-            "path": str(target),
-            "display_path": str(display),
-            "before": _sha(before),
-            "after": _sha(after),
-            "names": [],
-            "phase": "writing",
-            "created": time.time(),
-        }
-    )
-    return txid
+    record = _new_record("rewrite", target, display, before, after, names=[])
+    _write_journal(record)
+    return str(record["txid"])
 
 
 # --- recovery ----------------------------------------------------------------
@@ -732,7 +740,7 @@ def recover(store_factory: Callable[[], CredentialStore]) -> list[str]:
         sweep_temp_files(paths.journal_dir())
         sweep_temp_files(paths.state_dir())
         sweep_temp_files(paths.data_dir() / "bin")
-        store = _LazyStore(store_factory)
+        store = LazyStore(store_factory)
         messages: list[str] = []
         for entry in pending_journal():
             record = _load_record(entry)
@@ -741,30 +749,6 @@ def recover(store_factory: Callable[[], CredentialStore]) -> list[str]:
             log.info("recovery: %s", message)
             messages.append(message)
         return messages
-
-
-class _LazyStore:
-    """A store that opens the real one on first use."""
-
-    def __init__(self, factory: Callable[[], CredentialStore]) -> None:
-        self._factory = factory
-        self._store: CredentialStore | None = None
-        self.description = "keychain"
-
-    def _open(self) -> CredentialStore:
-        if self._store is None:
-            self._store = self._factory()
-            self.description = self._store.description
-        return self._store
-
-    def get(self, name: str) -> Secret | None:
-        return self._open().get(name)
-
-    def set(self, name: str, value: Secret) -> None:
-        self._open().set(name, value)
-
-    def delete(self, name: str) -> None:
-        self._open().delete(name)
 
 
 def _load_record(entry: Path) -> dict[str, object]:

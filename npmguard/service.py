@@ -263,6 +263,30 @@ class Backend:
             return CommandResult(tuple(argv), 0, "")
         return self._runner(argv)
 
+    def make_status(
+        self,
+        *,
+        installed: bool,
+        enabled: bool | None,
+        running: bool | None,
+        detail: str,
+        has_unit: bool,
+    ) -> ServiceStatus:
+        """Build this backend's status; ``has_unit`` means the unit file exists.
+
+        Only an existing unit file is checked for a stale program.
+        """
+        return ServiceStatus(
+            manager=self.manager,
+            unit_path=self.unit_path,
+            installed=installed,
+            enabled=enabled,
+            running=running,
+            detail=detail,
+            problem=self.stale_program() if has_unit else None,
+            start_hint=self.start_hint(),
+        )
+
     def done(self, report: ActionReport, text: str) -> None:
         """Note a step that was carried out; a dry run lists its commands instead."""
         if not self.dry_run:
@@ -537,15 +561,12 @@ class SystemdUser(Backend):
             detail = state
         if not installed:
             detail = f"not installed ({self.unit_path} does not exist)"
-        return ServiceStatus(
-            manager=self.manager,
-            unit_path=self.unit_path,
+        return self.make_status(
             installed=installed,
             enabled=enabled,
             running=running,
             detail=detail,
-            problem=self.stale_program() if installed else None,
-            start_hint=self.start_hint(),
+            has_unit=installed,
         )
 
     def program_in_unit(self, data: bytes) -> str | None:
@@ -634,6 +655,22 @@ LAUNCHD_TEMPLATE = (
 </dict>
 </plist>
 """
+
+
+def _queried_state(
+    out: CommandResult, running_pattern: str, known: str
+) -> tuple[bool | None, bool | None, str]:
+    """Return (enabled, running, detail) from the manager's query output.
+
+    ``known`` is the manager's word for a service it has (loaded, registered).
+    Both flags are None when the manager's command itself was not found.
+    """
+    if out.returncode == NOT_FOUND:
+        return None, None, out.first_line()
+    if not out.ok:
+        return False, False, f"not {known}"
+    running = bool(re.search(running_pattern, out.output, re.M))
+    return True, running, "running" if running else f"{known}, not running"
 
 
 class LaunchAgent(Backend):
@@ -732,26 +769,17 @@ class LaunchAgent(Backend):
 
     def status(self) -> ServiceStatus:
         installed = self.is_installed()
-        out = self._loaded()
-        running: bool | None
-        if out.returncode == NOT_FOUND:
-            running, detail = None, out.first_line()
-        elif out.ok:
-            running = bool(re.search(r"^\s*state = running", out.output, re.M))
-            detail = "running" if running else "loaded, not running"
-        else:
-            running, detail = False, "not loaded"
+        enabled, running, detail = _queried_state(
+            self._loaded(), r"^\s*state = running", "loaded"
+        )
         if not installed:
             detail = f"not installed ({self.unit_path} does not exist)"
-        return ServiceStatus(
-            manager=self.manager,
-            unit_path=self.unit_path,
+        return self.make_status(
             installed=installed,
-            enabled=out.ok if out.returncode != NOT_FOUND else None,
+            enabled=enabled,
             running=running,
             detail=detail,
-            problem=self.stale_program() if installed else None,
-            start_hint=self.start_hint(),
+            has_unit=installed,
         )
 
     def program_in_unit(self, data: bytes) -> str | None:
@@ -909,25 +937,15 @@ class ScheduledTask(Backend):
     def status(self) -> ServiceStatus:
         out = self._query()
         installed = out.ok or self.unit_path.is_file()
-        running: bool | None
-        if out.returncode == NOT_FOUND:
-            running, detail = None, out.first_line()
-        elif out.ok:
-            # schtasks prints its labels in the system language; the word
-            # "Running" is matched only as a best effort.
-            running = bool(re.search(r"\bRunning\b", out.output))
-            detail = "running" if running else "registered, not running"
-        else:
-            running, detail = False, "not registered"
-        return ServiceStatus(
-            manager=self.manager,
-            unit_path=self.unit_path,
+        # schtasks prints its labels in the system language; the word
+        # "Running" is matched only as a best effort.
+        enabled, running, detail = _queried_state(out, r"\bRunning\b", "registered")
+        return self.make_status(
             installed=installed,
-            enabled=out.ok if out.returncode != NOT_FOUND else None,
+            enabled=enabled,
             running=running,
             detail=detail,
-            problem=self.stale_program() if self.unit_path.is_file() else None,
-            start_hint=self.start_hint(),
+            has_unit=self.unit_path.is_file(),
         )
 
     def program_in_unit(self, data: bytes) -> str | None:

@@ -1,11 +1,15 @@
-"""Config-file discovery shared by scan, secure and restore."""
+"""Config-file discovery and error reporting shared by scan, secure and restore."""
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
+from npmguard.errors import NpmguardError, VaultLockedError, VaultUnavailableError
 from npmguard.npmrc.locate import (
     Located,
     global_config_path,
@@ -62,3 +66,38 @@ def display_path(path: Path) -> str:
     if home and (text == home or text.startswith(home.rstrip("/") + "/")):
         return "~" + text[len(home.rstrip("/")):]
     return text
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def per_file(
+    step: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+) -> _T | None:
+    """Run one file's ``step``; print its error and return None if it fails.
+
+    A locked or unavailable vault is re-raised instead, because every other
+    file would fail the same way and one message is enough.
+    """
+    try:
+        return step(*args, **kwargs)
+    except (VaultLockedError, VaultUnavailableError):
+        raise
+    except NpmguardError as err:
+        print(f"npmguard: {err}", file=sys.stderr)
+        return None
+
+
+def print_messages(produce: Callable[[], Iterable[str]]) -> bool:
+    """Print each message from ``produce``; return False if it raises.
+
+    The error goes to stderr, after any messages printed before it.
+    """
+    try:
+        for message in produce():
+            print(message)
+    except NpmguardError as err:
+        print(f"npmguard: {err}", file=sys.stderr)
+        return False
+    return True

@@ -7,13 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from npmguard.commands.common import discover, display_path
-from npmguard.commands.secure import secured_registries
-from npmguard.errors import (
-    NpmguardError,
-    VaultLockedError,
-    VaultUnavailableError,
+from npmguard.commands.common import (
+    discover,
+    display_path,
+    per_file,
+    print_messages,
 )
+from npmguard.commands.secure import secured_registries
 from npmguard.inject.helpers import sync_token_helpers
 from npmguard.migrate import (
     load_index,
@@ -35,13 +35,8 @@ def run(args: argparse.Namespace) -> int:
         targets = _targets(args.paths)
         restored = 0
         for path in targets:
-            try:
-                result = restore_file(path, store, dry_run=args.dry_run)
-            except (VaultLockedError, VaultUnavailableError):
-                # Every other file would fail the same way; say it once.
-                raise
-            except NpmguardError as err:
-                print(f"npmguard: {err}", file=sys.stderr)
+            result = per_file(restore_file, path, store, dry_run=args.dry_run)
+            if result is None:
                 failed = True
                 continue
             for finding in result.moved:
@@ -58,15 +53,10 @@ def run(args: argparse.Namespace) -> int:
             restored += len(done)
         if not args.dry_run:
             user = user_config_path(os.environ)
-            if user.exists():
-                try:
-                    for message in sync_token_helpers(
-                        user, secured_registries(), add=False
-                    ):
-                        print(message)
-                except NpmguardError as err:
-                    print(f"npmguard: {err}", file=sys.stderr)
-                    failed = True
+            if user.exists() and not print_messages(
+                lambda: sync_token_helpers(user, secured_registries(), add=False)
+            ):
+                failed = True
     if restored == 0 and not failed:
         print("Nothing to restore.")
     return 2 if failed else 0

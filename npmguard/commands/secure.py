@@ -8,16 +8,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from npmguard.commands.common import discover, display_path
-from npmguard.errors import (
-    NpmguardError,
-    VaultLockedError,
-    VaultUnavailableError,
+from npmguard.commands.common import (
+    discover,
+    display_path,
+    per_file,
+    print_messages,
 )
+from npmguard.errors import NpmguardError
 from npmguard.files import read_config
 from npmguard.inject.helpers import sync_token_helpers
-from npmguard.npmrc.credentials import find_credentials
 from npmguard.migrate import load_index, recover, secure_file, state_lock
+from npmguard.npmrc.credentials import find_credentials
 from npmguard.npmrc.locate import user_config_path
 from npmguard.vault import open_default_store
 
@@ -39,13 +40,13 @@ def run(args: argparse.Namespace) -> int:
                 print(message)
         moved = 0
         for located in discovery.files:
-            try:
-                result = secure_file(located.path, store, dry_run=args.dry_run)  # type: ignore[arg-type]
-            except (VaultLockedError, VaultUnavailableError):
-                # Every other file would fail the same way; say it once.
-                raise
-            except NpmguardError as err:
-                print(f"npmguard: {err}", file=sys.stderr)
+            result = per_file(
+                secure_file,
+                located.path,
+                store,  # type: ignore[arg-type]
+                dry_run=args.dry_run,
+            )
+            if result is None:
                 failed = True
                 continue
             for finding in result.moved:
@@ -58,15 +59,16 @@ def run(args: argparse.Namespace) -> int:
             moved += len(result.moved)
             _warn_unmovable(located.path, bool(result.moved))
 
-        if not args.dry_run and _want_helpers(args.token_helper):
-            try:
-                for message in sync_token_helpers(
+        if (
+            not args.dry_run
+            and _want_helpers(args.token_helper)
+            and not print_messages(
+                lambda: sync_token_helpers(
                     user_config_path(os.environ), secured_registries()
-                ):
-                    print(message)
-            except NpmguardError as err:
-                print(f"npmguard: {err}", file=sys.stderr)
-                failed = True
+                )
+            )
+        ):
+            failed = True
 
     if moved == 0 and not failed:
         print("No plaintext credentials found; nothing to do.")

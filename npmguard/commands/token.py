@@ -11,12 +11,6 @@ import argparse
 import os
 import sys
 
-# Not typing.TYPE_CHECKING: importing typing costs about 2 ms per run.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from npmguard.secret import Secret
-    from npmguard.vault.base import CredentialStore
-
 
 def run(args: argparse.Namespace) -> int:
     from npmguard.daemon import client
@@ -36,42 +30,19 @@ def _run_direct(args: argparse.Namespace) -> int:
     from npmguard.inject.resolve import Effective, resolve
     from npmguard.migrate import pending_journal, recover
     from npmguard.vault import open_default_store
+    from npmguard.vault.base import LazyStore
 
     effective = Effective(os.environ, Path.cwd())
     if pending_journal():
         recover(open_default_store)
     registry = args.registry or effective.default_registry()
-    credential = resolve(registry, effective, _LazyStore(), os.environ)
+    # The keychain opens only when a secured value is actually needed.
+    store = LazyStore(open_default_store)
+    credential = resolve(registry, effective, store, os.environ)
     value = credential.auth_header() if args.header else credential.value
     sys.stdout.write(value.reveal() + "\n")
     sys.stdout.flush()
     return 0
-
-
-class _LazyStore:
-    """Opens the keychain only when a secured value is actually needed."""
-
-    description = "keychain"
-
-    def __init__(self) -> None:
-        self._store: CredentialStore | None = None
-
-    def _open(self) -> CredentialStore:
-        if self._store is None:
-            from npmguard.vault import open_default_store
-
-            self._store = open_default_store()
-            self.description = self._store.description
-        return self._store
-
-    def get(self, name: str) -> Secret | None:
-        return self._open().get(name)
-
-    def set(self, name: str, value: Secret) -> None:
-        self._open().set(name, value)
-
-    def delete(self, name: str) -> None:
-        self._open().delete(name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

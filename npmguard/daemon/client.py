@@ -70,7 +70,7 @@ def request(
             ) from None
         try:
             sock.sendall(protocol.encode(message))
-            line = _read_line(sock)
+            line = protocol.read_line(sock)
         except TimeoutError:
             raise DaemonUnavailable(
                 f"the daemon did not reply within {timeout:g} s", quiet=False
@@ -87,18 +87,6 @@ def request(
     except protocol.ProtocolError as err:
         raise DaemonUnavailable(f"invalid reply from the daemon: {err}",
                                 quiet=False) from None
-
-
-def _read_line(sock: _socket.socket) -> bytes:
-    data = b""
-    while b"\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionResetError(0, "the daemon closed the connection")
-        data += chunk
-        if len(data) > protocol.MAX_LINE:
-            raise ConnectionResetError(0, "the daemon's reply is too long")
-    return data.split(b"\n", 1)[0]
 
 
 def credential_request(op: str, registry: str | None, *, header: bool = False

@@ -35,6 +35,7 @@ import os
 # of a token request through the daemon.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
     from collections.abc import Collection, Mapping
     from typing import Any
 
@@ -103,6 +104,23 @@ def decode(line: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
     return message
+
+
+def read_line(sock: _socket.socket) -> bytes:
+    """Read one reply line from ``sock`` and return it without its newline.
+
+    A reply longer than ``MAX_LINE`` is cut off as a broken connection, so a
+    runaway daemon cannot grow the client's buffer without limit.
+    """
+    data = b""
+    while b"\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError(0, "the daemon closed the connection")
+        data += chunk
+        if len(data) > MAX_LINE:
+            raise ConnectionResetError(0, "the daemon's reply is too long")
+    return data.split(b"\n", 1)[0]
 
 
 def check_request(

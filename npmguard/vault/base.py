@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from npmguard.errors import (
@@ -63,6 +64,34 @@ def require(store: CredentialStore, name: str) -> Secret:
             "run `npmguard scan` to see what is stored, or `npmguard secure` again"
         )
     return value
+
+
+class LazyStore:
+    """A store that opens the real one, made by ``factory``, on first use.
+
+    Until then ``description`` is the generic "keychain", so an error that
+    names the store needs no keychain prompt to be written.
+    """
+
+    def __init__(self, factory: Callable[[], CredentialStore]) -> None:
+        self._factory = factory
+        self._store: CredentialStore | None = None
+        self.description = "keychain"
+
+    def _open(self) -> CredentialStore:
+        if self._store is None:
+            self._store = self._factory()
+            self.description = self._store.description
+        return self._store
+
+    def get(self, name: str) -> Secret | None:
+        return self._open().get(name)
+
+    def set(self, name: str, value: Secret) -> None:
+        self._open().set(name, value)
+
+    def delete(self, name: str) -> None:
+        self._open().delete(name)
 
 
 class MemoryStore:

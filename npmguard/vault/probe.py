@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from npmguard.vault.keychain import SERVICE
+from npmguard.vault.select import backend_name, effective_backend
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +51,15 @@ def probe_keychain(timeout: float = 5.0) -> KeychainProbe:
         backend = keyring.get_keyring()
     except Exception as err:  # noqa: BLE001 - backends fail in their own ways
         return KeychainProbe(None, False, None, _first_line(err))
-    inner = _effective(backend)
+    inner = effective_backend(backend)
     if inner is None:
         return KeychainProbe(
-            None, False, None, "keyring found no usable backend", _name(backend)
+            None, False, None, "keyring found no usable backend", backend_name(backend)
         )
-    name = _name(inner)
+    name = backend_name(inner)
     if type(inner).__module__ == "keyring.backends.SecretService":
         return _probe_secret_service(name, inner, timeout)
     return _probe_by_reading(name, inner)
-
-
-def _effective(backend: Any) -> Any | None:
-    """Return the backend that serves requests: a chainer's first one, or None."""
-    module = type(backend).__module__
-    if module == "keyring.backends.fail":
-        return None
-    if module == "keyring.backends.chainer":
-        inner = list(getattr(backend, "backends", []) or [])
-        return inner[0] if inner else None
-    return backend
-
-
-def _name(backend: Any) -> str:
-    return f"{type(backend).__module__}.{type(backend).__name__}"
 
 
 def _probe_secret_service(name: str, backend: Any, timeout: float) -> KeychainProbe:

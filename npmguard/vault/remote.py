@@ -15,6 +15,7 @@ import socket
 import struct
 from typing import Any
 
+from npmguard.daemon import protocol
 from npmguard.errors import (
     CredentialNotFoundError,
     VaultError,
@@ -33,9 +34,6 @@ from npmguard.vault.base import (
 TIMEOUT_SECONDS = 10.0
 # Unlocking derives the key in the daemon, which is slow on purpose.
 UNLOCK_TIMEOUT_SECONDS = 30.0
-# The daemon reads at most this much per request line; replies are bounded
-# the same way.
-MAX_LINE = 64 * 1024
 
 # error_type values in error replies, and the exception each one becomes.
 ERROR_TYPES: dict[str, type[VaultError]] = {
@@ -58,9 +56,7 @@ class VaultNotServed(Exception):
 
 
 def socket_path() -> str:
-    from npmguard.daemon.protocol import socket_path as daemon_socket_path
-
-    return daemon_socket_path()
+    return protocol.socket_path()
 
 
 def request(
@@ -92,9 +88,8 @@ def request(
             ) from None
         _check_peer(sock, address)
         try:
-            data = json.dumps(message, separators=(",", ":")).encode("ascii")
-            sock.sendall(data + b"\n")
-            line = _read_line(sock)
+            sock.sendall(protocol.encode(message))
+            line = protocol.read_line(sock)
         except TimeoutError:
             raise VaultUnavailableError(
                 f"the npmguard daemon at {address} did not reply within "
@@ -142,18 +137,6 @@ def _check_peer(sock: socket.socket, address: str) -> None:
         )
     if pid == os.getpid():
         raise DaemonNotRunning("this process serves the socket itself")
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionResetError(0, "the daemon closed the connection")
-        data += chunk
-        if len(data) > MAX_LINE:
-            raise ConnectionResetError(0, "the daemon's reply is too long")
-    return data.split(b"\n", 1)[0]
 
 
 def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:

@@ -82,10 +82,10 @@ def keychain_usable(timeout: float = BUS_TIMEOUT) -> tuple[bool, str]:
         backend = keyring.get_keyring()
     except Exception as err:  # noqa: BLE001 - backends fail in their own ways
         return False, f"keyring has no usable backend ({_first_line(err)})"
-    inner = _effective_backend(backend)
+    inner = effective_backend(backend)
     if inner is None:
         return False, "keyring found no usable backend"
-    name = f"{type(inner).__module__}.{type(inner).__name__}"
+    name = backend_name(inner)
     if type(inner).__module__.startswith("keyrings.alt"):
         # keyrings.alt keeps values in a plain or weakly encrypted file in
         # the home directory: that is no keychain, and the file vault is
@@ -99,8 +99,11 @@ def keychain_usable(timeout: float = BUS_TIMEOUT) -> tuple[bool, str]:
     return True, f"keyring backend {name} ({detail})"
 
 
-def _effective_backend(backend: Any) -> Any | None:
-    """Return the backend that would serve requests; None for a fail backend."""
+def effective_backend(backend: Any) -> Any | None:
+    """Return the backend that would serve requests: a chainer's first one.
+
+    None for keyring's fail backend or an empty chainer.
+    """
     module = type(backend).__module__
     if module == "keyring.backends.fail":
         return None
@@ -108,6 +111,11 @@ def _effective_backend(backend: Any) -> Any | None:
         inner = list(getattr(backend, "backends", []) or [])
         return inner[0] if inner else None
     return backend
+
+
+def backend_name(backend: Any) -> str:
+    """Return a keyring backend's module and class, as reports show it."""
+    return f"{type(backend).__module__}.{type(backend).__name__}"
 
 
 def secret_service_reachable(timeout: float = BUS_TIMEOUT) -> tuple[bool, str]:
