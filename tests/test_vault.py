@@ -193,6 +193,42 @@ def test_keychain_service_attribute(keyring_bus: realparts.Keychain) -> None:
     assert len(found) == 1
 
 
+def test_keychain_compatible_with_keyring(
+    keyring_bus: realparts.Keychain, canary: str
+) -> None:
+    # Entries written by keyring itself (older npmguard versions) and by the
+    # store must be readable by the other, with the same label and attributes.
+    import keyring
+
+    store = KeychainStore()
+    keyring.set_password("npmguard", NAME, canary)
+    assert store.get(NAME) == Secret(canary)
+    store.set(NAME + "#raw", Secret("from-the-store"))
+    assert keyring.get_password("npmguard", NAME + "#raw") == "from-the-store"
+    store.set(NAME, Secret("overwritten-by-store"))
+    assert keyring.get_password("npmguard", NAME) == "overwritten-by-store"
+    with keyring_bus.default_collection() as collection:
+        found = list(collection.search_items({"service": "npmguard", "username": NAME}))
+        assert len(found) == 1
+        assert found[0].get_label() == f"Password for '{NAME}' on 'npmguard'"
+        assert found[0].get_attributes()["application"] == "Python keyring library"
+    keyring.delete_password("npmguard", NAME + "#raw")
+    assert store.get(NAME + "#raw") is None
+    store.delete(NAME)
+    assert keyring.get_password("npmguard", NAME) is None
+
+
+def test_keychain_survives_daemon_restart(
+    crash_keyring_bus: realparts.Keychain, canary: str
+) -> None:
+    store = KeychainStore()
+    store.set(NAME, Secret(canary))
+    # A restart with the login password: the store's connection and session
+    # were opened against the daemon that is gone now.
+    crash_keyring_bus.unlock()
+    assert store.get(NAME) == Secret(canary)
+
+
 # --- locked keychain ---------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from npmguard.errors import VaultError, VaultLockedError, VaultUnavailableError
 from npmguard.secret import Secret
@@ -52,19 +53,29 @@ class KeychainStore:
             raise VaultUnavailableError(
                 _UNAVAILABLE_HINT.format(detail=type(backend).__module__)
             )
+        self._get_password: Callable[[str, str], str | None] = keyring.get_password
+        self._set_password: Callable[[str, str, str], None] = keyring.set_password
+        self._delete_password: Callable[[str, str], None] = keyring.delete_password
+        if _is_secret_service(backend):
+            # keyring opens a D-Bus connection per call, which is slow and
+            # can crash gnome-keyring. This client keeps one per store.
+            from npmguard.vault.secretservice import SecretServiceClient
+
+            client = SecretServiceClient(backend)
+            self._get_password = client.get_password
+            self._set_password = client.set_password
+            self._delete_password = client.delete_password
 
     def get(self, name: str) -> Secret | None:
-        value = self._call("read", self._keyring.get_password, self._service, name)
+        value = self._call("read", self._get_password, self._service, name)
         return Secret(value) if value is not None else None
 
     def set(self, name: str, value: Secret) -> None:
-        self._call(
-            "write", self._keyring.set_password, self._service, name, value.reveal()
-        )
+        self._call("write", self._set_password, self._service, name, value.reveal())
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(_MissingEntry):
-            self._call("delete", self._keyring.delete_password, self._service, name)
+            self._call("delete", self._delete_password, self._service, name)
 
     def _call(self, action: str, func, *args):  # type: ignore[no-untyped-def]
         errors = self._errors
@@ -117,6 +128,15 @@ def _is_unavailable(err: BaseException) -> bool:
     return any(
         cls.__name__ == "SecretServiceNotAvailableException"
         for cls in type(err).__mro__
+    )
+
+
+def _is_secret_service(backend: object) -> bool:
+    # Only keyring's own class: a subclass or a chainer may behave otherwise.
+    cls = type(backend)
+    return (cls.__module__, cls.__qualname__) == (
+        "keyring.backends.SecretService",
+        "Keyring",
     )
 
 
