@@ -21,9 +21,9 @@ TEMP_SUFFIX = ".npmguard-tmp"
 class ConfigFile:
     """A config file as read from disk.
 
-    ``path`` is the name the user knows; ``target`` is the regular file
-    behind it after following symlinks, which is what gets rewritten so
-    that a symlinked ``~/.npmrc`` stays a symlink.
+    ``path`` is the name the user gave or npm uses. ``target`` is the
+    regular file behind it after following symlinks. The target is what
+    gets rewritten, so a symlinked ``~/.npmrc`` stays a symlink.
     """
 
     path: Path
@@ -127,7 +127,7 @@ def replace_file(original: ConfigFile, new_data: bytes, tag: str) -> None:
 
     The order keeps the old content recoverable until the new one is
     durable: write a temp file in the same directory with the same mode
-    and owner, fsync it, check the file still holds what was read, rename
+    and owner, fsync it, check the file still contains what was read, rename
     over it, then fsync the directory. Raises ``FileChangedError`` (and
     leaves the file alone) when the content, mode or owner changed since
     it was read. The rename is the last step that can fail, so on any

@@ -76,7 +76,7 @@ _TXID = re.compile(r"[0-9a-f]{16}")
 
 @dataclass
 class FileResult:
-    """What a secure or restore run did to one file."""
+    """The outcome of a secure or restore run on one file."""
 
     path: Path
     moved: list[Finding] = field(default_factory=list)
@@ -878,9 +878,9 @@ def _reconcile(
 ) -> str:
     """Settle an interrupted change to a file that was edited (or removed) since.
 
-    A vault entry whose line is still secured in the file is kept (and
-    indexed); one whose value is in the file in plaintext is deleted; any
-    other is kept, because the vault may hold the only copy.
+    A vault entry whose line is still secured in the file is kept and
+    indexed. One whose value is in the file in plaintext is deleted. Any
+    other is kept, because the vault may contain the only copy.
     """
     secured = _marker_ids(target, current)
     plaintext = _plaintext_values(target, current)

@@ -38,10 +38,10 @@ SECRET_KINDS = ("_authToken", "_auth", "_password", "key")
 OTHER_KINDS = ("username", "certfile", "keyfile", "cert", "tokenHelper")
 CREDENTIAL_KINDS = SECRET_KINDS + OTHER_KINDS
 
-# A secured line is a comment, so npm and pnpm both skip it. Any env
-# reference left in an rc file makes pnpm 10 drop that whole file when the
+# A secured line is a comment, so npm and pnpm both skip it. An env reference
+# would not be safe: pnpm 10 drops the whole rc file when a referenced
 # variable is unset, and npm 11 sends an unset ``${VAR}`` literally as the
-# token, so a comment is the one form that is harmless to every tool.
+# token.
 MARKER_PREFIX = "; npmguard:"
 PLACEHOLDER = "<keychain>"
 HELPER_MARKER = "; npmguard:token-helper"
@@ -145,7 +145,7 @@ def _url_password(path: Path, entry: Entry) -> Finding | None:
     """Report a password embedded in a URL setting (``registry``, ``proxy``).
 
     npm sends such a password and writes the URL into its cache, so it is as
-    exposed as a token; npmguard reports it but cannot move it, because the
+    exposed as a token. npmguard reports it but cannot move it, because the
     URL itself is the setting.
     """
     if not isinstance(entry.value, str):
