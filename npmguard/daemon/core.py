@@ -274,8 +274,11 @@ class Daemon:
             # vault this daemon hosts.
             self._start_vault_service()
             self._recover_at_start()
-            self.server.start()
+            # The server goes last: once it replies, every part is running, so
+            # a stop requested from then on only has to stop threads, not wait
+            # for a slow start (importing pystray can take a second under load).
             self._start_optional_parts()
+            self.server.start()
         except BaseException:
             self.stop()
             raise
@@ -450,6 +453,8 @@ class Daemon:
             log.info("tray icon disabled")
 
     def _start_part(self, part: Worker) -> bool:
+        if self._stop_requested.is_set():
+            return False
         try:
             part.start()
         except Exception as err:  # noqa: BLE001 - the daemon runs without it
