@@ -38,6 +38,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "service": ("npmguard.commands.service", "install or remove the user service"),
     "unlock": ("npmguard.commands.unlock", "unlock the encrypted file vault"),
     "lock": ("npmguard.commands.lock", "forget the file vault's key in the daemon"),
+    "login": ("npmguard.commands.login", "log in; the token goes only to the vault"),
+    "rotate": ("npmguard.commands.rotate", "replace stored tokens, revoke the old ones"),
+    "audit": ("npmguard.commands.audit", "show the audit trail; --verify checks it"),
 }
 
 

@@ -57,6 +57,8 @@ from npmguard.files import (
     write_private,
 )
 from npmguard.npmrc.credentials import (
+    MARKER_PREFIX,
+    PLACEHOLDER,
     Finding,
     find_credentials,
     parse_marker,
@@ -71,6 +73,12 @@ from npmguard.vault.base import CredentialStore, LazyStore, require
 log = logging.getLogger(__name__)
 
 RAW_SUFFIX = "#raw"
+# Names kept next to a token's own entry: the password a user chose to
+# store for minting, and a rotation's new and previous values.
+PASSWORD_SUFFIX = "#password"
+NEXT_SUFFIX = "#next"
+OLD_SUFFIX = "#old"
+SUFFIXES = (PASSWORD_SUFFIX, NEXT_SUFFIX, OLD_SUFFIX)
 _TXID = re.compile(r"[0-9a-f]{16}")
 
 
@@ -673,10 +681,115 @@ def _restore_transaction(
 
 def _finish_restore(store: CredentialStore, names: list[str]) -> None:
     _delete_names(store, names)
+    # A stored password or a rotation's copies mean nothing without the token.
+    _delete_names(store, [n + x for n in names if "#" in n for x in SUFFIXES
+                          if not n.endswith(RAW_SUFFIX)])
     index = load_index()
     for name in names:
         index.pop(name, None)
     save_index(index)
+
+
+# --- a credential that never was in a file -----------------------------------
+
+
+@dataclass
+class Added:
+    """What ``add_secured`` did: the new vault name and the lines it replaced."""
+
+    name: str
+    replaced: list[Finding] = field(default_factory=list)
+
+
+def add_secured(
+    path: Path,
+    key: str,
+    value: Secret,
+    store: CredentialStore,
+    meta: dict[str, object],
+    extra: dict[str, Secret] | None = None,
+) -> Added:
+    """Store ``value`` for ``key`` and put a marker line for it into ``path``.
+
+    This is how ``npmguard login`` keeps a token it got from the registry:
+    the value goes only to the vault, the file gets the same marker comment
+    ``secure`` writes, so ``exec``, ``token`` and ``restore`` treat it like
+    any other secured credential. Top-level lines for the same key are
+    replaced (as ``npm login`` does); the vault entries behind replaced
+    markers are deleted last. ``extra`` maps name suffixes (``#password``)
+    to values kept next to the token. The journal entry is a secure record
+    that never reaches ``stored``, so recovery either finishes the index (the
+    file has the marker) or deletes the new vault entries (it does not).
+    """
+    vault_id = secrets.token_hex(5)
+    name = vault_name(key, vault_id)
+    extra = extra or {}
+    with state_lock():
+        load_index()
+        try:
+            config: ConfigFile | None = read_config(path)
+        except ConfigFileError:
+            if path.exists() or path.is_symlink():
+                raise
+            config = None
+        document = config.document if config else Document("")
+        replaced = [
+            f for f in find_credentials(path, document)
+            if f.key == key and f.section is None and f.entry is not None
+        ]
+        newline = document.newline_style()
+        marker = f"{MARKER_PREFIX}{vault_id} {key}={PLACEHOLDER}"
+        removals: dict[int, str | None] = {f.line: None for f in replaced}
+        body = _rebuild(document, removals).decode("utf-8")
+        bom = body.startswith("\ufeff")
+        new_text = ("\ufeff" if bom else "") + marker + newline + body[int(bom):]
+        new_data = new_text.encode("utf-8")
+        target = config.target if config else path
+        names = [name, *(name + suffix for suffix in extra)]
+        entry = {
+            "path": os.path.abspath(path),
+            "target": str(target),
+            "key": key,
+            "registry": key.rsplit(":", 1)[0],
+            "kind": key.rsplit(":", 1)[1],
+            "fingerprint": value.fingerprint,
+            "raw": False,
+            "created": time.time(),
+            **meta,
+        }
+        record = _new_record(
+            "secure", target, path, config.data if config else None, new_data,
+            names=names, phase="storing", origin="add", index={name: entry},
+        )
+        txid = str(record["txid"])
+        _write_journal(record)
+        stored: list[str] = []
+        try:
+            _store_verified(store, name, value, stored)
+            for suffix, secret in extra.items():
+                _store_verified(store, name + suffix, secret, stored)
+            if config is None:
+                create_file(path, new_data, txid)
+            else:
+                check_writable(config)
+                replace_file(config, new_data, txid)
+        except BaseException:
+            if _current_sha(target) != record["after"]:
+                _delete_names(store, stored)
+                _drop_journal(txid)
+            raise
+        index = load_index()
+        index[name] = entry
+        old_names = [f.vault_name for f in replaced if f.vault_name]
+        for old in old_names:
+            index.pop(old, None)
+        save_index(index)
+        _drop_journal(txid)
+        for old in old_names:
+            _delete_names(store, [old, old + RAW_SUFFIX, *(old + x for x in SUFFIXES)])
+    log.info("stored %s (fingerprint %s) in the %s; marker added to %s",
+             key, value.fingerprint, store.description, path)
+    return Added(name, replaced)
 
 
 # --- rewrites of the user config ---------------------------------------------

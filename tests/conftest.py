@@ -585,12 +585,16 @@ def verdaccio_factory(
     started: list[realparts.Verdaccio] = []
 
     def start(
-        *, jwt_expires_in: str | None = None, scoped_access: str = "$authenticated"
+        *,
+        jwt_expires_in: str | None = None,
+        scoped_access: str = "$authenticated",
+        flags: dict[str, bool] | None = None,
     ) -> realparts.Verdaccio:
         server = realparts.start_verdaccio(
             tmp_path_factory.mktemp("verdaccio"),
             jwt_expires_in=jwt_expires_in,
             scoped_access=scoped_access,
+            flags=flags,
         )
         started.append(server)
         return server

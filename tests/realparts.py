@@ -965,6 +965,7 @@ def verdaccio_config(
     *,
     jwt_expires_in: str | None = None,
     scoped_access: str = "$authenticated",
+    flags: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
     """Build Verdaccio settings: htpasswd users, no uplinks, publish for users only.
 
@@ -993,6 +994,9 @@ def verdaccio_config(
         # Any jwt setting switches the API from the legacy AES tokens, which
         # never expire, to JWTs that carry this lifetime.
         config["security"] = {"api": {"jwt": {"sign": {"expiresIn": jwt_expires_in}}}}
+    if flags:
+        # Verdaccio's feature switches, such as webLogin.
+        config["flags"] = dict(flags)
     return config
 
 
@@ -1001,6 +1005,7 @@ def start_verdaccio(
     *,
     jwt_expires_in: str | None = None,
     scoped_access: str = "$authenticated",
+    flags: Mapping[str, bool] | None = None,
     timeout: float = 60.0,
     attempts: int = 3,
 ) -> Verdaccio:
@@ -1014,7 +1019,11 @@ def start_verdaccio(
         config_path = state_dir / "config.yaml"
         # YAML is a superset of JSON, so no YAML writer is needed.
         settings = verdaccio_config(
-            state_dir, port, jwt_expires_in=jwt_expires_in, scoped_access=scoped_access
+            state_dir,
+            port,
+            jwt_expires_in=jwt_expires_in,
+            scoped_access=scoped_access,
+            flags=flags,
         )
         config_path.write_text(json.dumps(settings, indent=2))
         proc = spawn(
