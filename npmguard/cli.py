@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "unlock": ("npmguard.commands.unlock", "unlock the encrypted file vault"),
     "lock": ("npmguard.commands.lock", "forget the file vault's key in the daemon"),
     "login": ("npmguard.commands.login", "log in; the token goes only to the vault"),
-    "rotate": ("npmguard.commands.rotate", "replace stored tokens, revoke the old ones"),
+    "rotate": ("npmguard.commands.rotate", "replace stored tokens, revoke old ones"),
     "audit": ("npmguard.commands.audit", "show the audit trail; --verify checks it"),
 }
 

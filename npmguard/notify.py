@@ -1,4 +1,5 @@
-"""Desktop notifications: exposed tokens, secured tokens, a locked keychain.
+"""Desktop notifications: exposed tokens, secured tokens, a locked keychain,
+stored tokens that leaked, and the rotations of the token lifecycle.
 
 On Linux and the BSDs a ``Notifier`` calls ``org.freedesktop.Notifications``
 ``Notify`` on the D-Bus session bus itself, through jeepney. Connecting and
@@ -12,24 +13,35 @@ once, and it merges bursts (a first scan that finds twenty tokens gives one
 notification, not twenty).
 
 Notifications name the file, the line and the registry of a credential,
-never its value: ``Exposure`` has no value to give.
+never its value: ``Exposure`` and ``Leak`` have no value to give.
+
+Actions: a notification may offer buttons (``actions``: key and label).
+They need a bus connection that stays open, because the server reports a
+chosen button with an ``ActionInvoked`` signal for the connection that sent
+the notification. A ``Notifier`` made with ``on_action`` keeps one such
+connection (``ActionChannel``, a worker) from its first notification with
+actions until ``close``, and calls ``on_action(key)`` on that worker's
+thread. Only signals from the server that showed the notification, about a
+notification and key it offered, are passed on. Without ``on_action`` the
+buttons are left out, and the body names the command to run in any case.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from npmguard.commands.common import display_path
-from npmguard.daemon.state import DaemonState, Exposure, Snapshot
+from npmguard.daemon.state import DaemonState, Exposure, Leak, Snapshot
 from npmguard.daemon.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -59,37 +71,38 @@ class NotifyUnavailable(Exception):
 
 
 Transport = Callable[[str, str, str, int, float], None]
+Actions = Sequence[tuple[str, str]]
 
 
-def _freedesktop_transport(
-    app_name: str, summary: str, body: str, urgency: int, timeout: float
-) -> None:
-    """Send one ``Notify`` call on the session bus, or raise NotifyUnavailable."""
+def _jeepney() -> Any:
+    """Import jeepney, or raise NotifyUnavailable."""
     # Imported here: jeepney is only needed on desktops with D-Bus, and the
     # CLI commands should not pay for the import. keyring brings it on Linux
     # only, so on the BSDs it may be missing.
     try:
-        from jeepney import (  # type: ignore[import-untyped]
-            DBusAddress,
-            HeaderFields,
-            MessageType,
-            new_method_call,
-        )
-        from jeepney.io.blocking import (  # type: ignore[import-untyped]
-            open_dbus_connection,
-        )
+        import jeepney  # type: ignore[import-untyped]
     except ImportError:
         raise NotifyUnavailable("the jeepney package is not installed") from None
-
     if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
         # jeepney has no fallback to $XDG_RUNTIME_DIR/bus, and a guessed
         # socket could belong to another session's bus.
         raise NotifyUnavailable("no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS unset)")
-    target = DBusAddress(_OBJECT_PATH, bus_name=_BUS_NAME, interface=_INTERFACE)
+    return jeepney
+
+
+def _notify_message(
+    app_name: str, summary: str, body: str, urgency: int, actions: Actions = ()
+) -> Any:
+    """Build the ``Notify`` method call; ``actions`` are (key, label) pairs."""
+    jeepney = _jeepney()
+    target = jeepney.DBusAddress(
+        _OBJECT_PATH, bus_name=_BUS_NAME, interface=_INTERFACE
+    )
     # NOTE: bodies are sent as plain text. A server that renders body markup
     # misreads a '<' or '&' in a path. Such paths are rare, so the
     # GetCapabilities round trip that would detect markup is not made.
-    message = new_method_call(
+    flat = [text for pair in actions for text in pair]
+    return jeepney.new_method_call(
         target,
         "Notify",
         "susssasa{sv}i",
@@ -99,11 +112,33 @@ def _freedesktop_transport(
             "",
             summary,
             body,
-            [],
+            flat,
             {"urgency": ("y", urgency)},
             -1,
         ),
     )
+
+
+def _check_reply(reply: Any) -> None:
+    """Raise NotifyUnavailable when ``reply`` is a D-Bus error."""
+    from jeepney import HeaderFields, MessageType
+
+    if reply.header.message_type == MessageType.error:
+        name = str(reply.header.fields.get(HeaderFields.error_name, "unknown"))
+        if name in _NO_SERVER_ERRORS:
+            raise NotifyUnavailable("no notification server on the session bus")
+        raise NotifyUnavailable(f"the notification server returned {name}")
+
+
+def _freedesktop_transport(
+    app_name: str, summary: str, body: str, urgency: int, timeout: float
+) -> None:
+    """Send one ``Notify`` call on the session bus, or raise NotifyUnavailable."""
+    message = _notify_message(app_name, summary, body, urgency)
+    from jeepney.io.blocking import (  # type: ignore[import-untyped]
+        open_dbus_connection,
+    )
+
     try:
         # auth_timeout limits connecting and authentication. NOTE: jeepney
         # sends the Hello call after that without a limit. The bus daemon
@@ -126,11 +161,155 @@ def _freedesktop_transport(
         ) from None
     finally:
         connection.close()
-    if reply.header.message_type == MessageType.error:
-        name = str(reply.header.fields.get(HeaderFields.error_name, "unknown"))
-        if name in _NO_SERVER_ERRORS:
-            raise NotifyUnavailable("no notification server on the session bus")
-        raise NotifyUnavailable(f"the notification server returned {name}")
+    _check_reply(reply)
+
+
+# Notifications whose actions are remembered; older ones are forgotten.
+_OFFERED_LIMIT = 64
+
+
+class ActionChannel(Worker):
+    """A session bus connection that stays open to hear chosen actions.
+
+    ``send`` shows a notification with actions on this connection and
+    remembers its id and keys. The thread waits for ``ActionInvoked``
+    signals. It calls ``on_action(key)`` for a signal from the server that
+    showed the notification, naming a key it offered, and logs a callback
+    that raises. ``stop`` and ``join`` close the connection.
+    """
+
+    name = "notify-actions"
+
+    def __init__(self, on_action: Callable[[str], None], *, timeout: float = 1.0
+                 ) -> None:
+        super().__init__()
+        self.on_action = on_action
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._router: Any = None
+        self._connection: Any = None
+        self._filter: Any = None
+        # Unbounded, so that the stop sentinel always fits. The thread only
+        # compares a signal with what it offered, so it keeps up.
+        self._signals: queue.Queue[Any] = queue.Queue()
+        # notification id -> (the server's unique bus name, offered keys)
+        self._offered: dict[int, tuple[str, frozenset[str]]] = {}
+
+    def send(
+        self, app_name: str, summary: str, body: str, urgency: int, actions: Actions
+    ) -> None:
+        """Show a notification with ``actions``, or raise NotifyUnavailable."""
+        from jeepney import HeaderFields
+
+        message = _notify_message(app_name, summary, body, urgency, actions)
+        router = self._connect()
+        try:
+            reply = router.send_and_get_reply(message, timeout=self.timeout)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            raise NotifyUnavailable(
+                f"the notification server timed out after {self.timeout:g} s"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - RouterClosed, OSError: reconnect
+            self._disconnect()
+            raise NotifyUnavailable(
+                f"the session bus connection failed: {type(err).__name__}"
+            ) from None
+        _check_reply(reply)
+        sender = str(reply.header.fields.get(HeaderFields.sender, ""))
+        with self._lock:
+            self._offered[int(reply.body[0])] = (
+                sender, frozenset(key for key, _ in actions)
+            )
+            while len(self._offered) > _OFFERED_LIMIT:
+                del self._offered[next(iter(self._offered))]
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._router is not None:
+                return self._router
+            from jeepney import MatchRule, message_bus
+            from jeepney.io.threading import DBusRouter, open_dbus_connection
+
+            try:
+                connection = open_dbus_connection(bus="SESSION",
+                                                  auth_timeout=self.timeout)
+            except (OSError, TimeoutError, ValueError, RuntimeError) as err:
+                raise NotifyUnavailable(
+                    f"cannot connect to the D-Bus session bus: {type(err).__name__}"
+                ) from None
+            router = DBusRouter(connection)
+            rule = MatchRule(type="signal", interface=_INTERFACE, path=_OBJECT_PATH)
+            self._filter = router.filter(rule, queue=self._signals)
+            try:
+                router.send_and_get_reply(message_bus.AddMatch(rule),
+                                          timeout=self.timeout)
+            except Exception as err:  # noqa: BLE001 - closed below, then reported
+                self._close(router, connection)
+                raise NotifyUnavailable(
+                    f"cannot listen for notification actions: {type(err).__name__}"
+                ) from None
+            self._router, self._connection = router, connection
+            return router
+
+    def _disconnect(self) -> None:
+        with self._lock:
+            router, connection = self._router, self._connection
+            self._router = self._connection = None
+        if router is not None:
+            self._close(router, connection)
+
+    def _close(self, router: Any, connection: Any) -> None:
+        if self._filter is not None:
+            self._filter.close()
+            self._filter = None
+        try:
+            router.close()
+            connection.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            log.debug("closing the notification actions connection failed",
+                      exc_info=True)
+
+    def stop(self) -> None:
+        super().stop()
+        self._signals.put(None)
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                message = self._signals.get()
+                if message is None or self.stopping.is_set():
+                    return
+                self._handle(message)
+        finally:
+            self._disconnect()
+
+    def _handle(self, message: Any) -> None:
+        from jeepney import HeaderFields
+
+        fields = message.header.fields
+        member = fields.get(HeaderFields.member)
+        sender = str(fields.get(HeaderFields.sender, ""))
+        if member == "NotificationClosed":
+            with self._lock:
+                offered = self._offered.get(int(message.body[0]))
+                if offered is not None and offered[0] == sender:
+                    del self._offered[int(message.body[0])]
+            return
+        if member != "ActionInvoked":
+            return
+        notification, key = int(message.body[0]), str(message.body[1])
+        with self._lock:
+            offered = self._offered.get(notification)
+            if offered is None or offered[0] != sender or key not in offered[1]:
+                log.debug("ignored an action signal for notification %d",
+                          notification)
+                return
+            del self._offered[notification]
+        log.info("notification action chosen: %s", key)
+        try:
+            self.on_action(key)
+        except Exception:  # noqa: BLE001 - a failing action must not end the thread
+            log.exception("the notification action %s failed", key)
 
 
 def _transport_for(platform: str) -> Transport | None:
@@ -157,20 +336,36 @@ class Notifier:
         *,
         timeout: float = 1.0,
         platform: str = sys.platform,
+        on_action: Callable[[str], None] | None = None,
     ) -> None:
         self.app_name = app_name
         self.timeout = timeout
         self._transport = _transport_for(platform)
         self._lock = threading.Lock()
         self._failing = False
+        self.on_action = on_action
+        self._channel: ActionChannel | None = None
+        self._closed = False
 
     @property
     def supported(self) -> bool:
         """False on platforms where notifications are a no-op stub."""
         return self._transport is not None
 
-    def notify(self, summary: str, body: str, urgency: str = "normal") -> bool:
-        """Show a notification; return whether a server accepted it."""
+    @property
+    def actions_supported(self) -> bool:
+        """Tell whether buttons are offered: it takes the freedesktop server and
+        ``on_action``."""
+        return self.on_action is not None and self._transport is _freedesktop_transport
+
+    def notify(
+        self, summary: str, body: str, urgency: str = "normal", actions: Actions = ()
+    ) -> bool:
+        """Show a notification and return whether a server accepted it.
+
+        ``actions`` are (key, label) pairs, offered as buttons where
+        ``actions_supported``, and dropped elsewhere.
+        """
         if urgency not in URGENCIES:
             raise ValueError(
                 f"urgency must be one of {', '.join(URGENCIES)}, not {urgency!r}"
@@ -179,9 +374,14 @@ class Notifier:
             self._note_failure("desktop notifications are not implemented here yet")
             return False
         try:
-            self._transport(
-                self.app_name, summary, body, URGENCIES[urgency], self.timeout
-            )
+            channel = self._action_channel() if actions else None
+            if channel is not None:
+                channel.send(self.app_name, summary, body, URGENCIES[urgency],
+                             actions)
+            else:
+                self._transport(
+                    self.app_name, summary, body, URGENCIES[urgency], self.timeout
+                )
         except NotifyUnavailable as err:
             self._note_failure(str(err))
             return False
@@ -201,6 +401,29 @@ class Notifier:
         if first:
             log.warning("desktop notifications are off: %s", reason)
 
+    def _action_channel(self) -> ActionChannel | None:
+        if not self.actions_supported or self.on_action is None:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            if self._channel is None:
+                channel = ActionChannel(self.on_action, timeout=self.timeout)
+                channel.start()
+                self._channel = channel
+            return self._channel
+
+    def close(self, timeout: float = 0.5) -> None:
+        """Stop listening for actions. Later notifications have no buttons."""
+        with self._lock:
+            channel, self._channel = self._channel, None
+            self._closed = True
+        if channel is not None:
+            channel.stop()
+            if not channel.join(timeout):
+                log.warning("the notification actions listener did not stop "
+                            "within %.1f s", timeout)
+
 
 # --------------------------------------------------------------------------
 # State changes to notifications
@@ -208,6 +431,10 @@ class Notifier:
 EXPOSED_EVENT = "exposed"
 SECURED_EVENT = "secured"
 LOCKED_EVENT = "locked"
+LEAKED_EVENT = "leaked"
+# The action a leak notification offers, and its button.
+ROTATE_EXPOSED_ACTION = "rotate-exposed"
+ROTATE_EXPOSED_LABEL = "Rotate and revoke"
 # Raw observations that the sender pairs up into SECURED_EVENT messages.
 VANISHED_EVENT = "vanished"
 CREDIT_EVENT = "credit"
@@ -218,6 +445,7 @@ class Event:
     kind: str
     exposure: Exposure | None = None
     at: float = field(default_factory=time.monotonic)
+    leak: Leak | None = None
 
 
 def exposure_key(exposure: Exposure) -> tuple[object, ...]:
@@ -237,6 +465,7 @@ class Message:
     summary: str
     body: str
     urgency: str
+    actions: tuple[tuple[str, str], ...] = ()
 
 
 _LISTED = 3
@@ -250,11 +479,18 @@ def _listing(exposures: list[Exposure], unnamed: int = 0) -> str:
     return "\n".join(lines)
 
 
-def compose(kind: str, exposures: list[Exposure], unnamed: int = 0) -> Message:
+def compose(
+    kind: str,
+    exposures: list[Exposure],
+    unnamed: int = 0,
+    leaks: Sequence[Leak] = (),
+) -> Message:
     """Build the notification for events of one kind.
 
     ``unnamed`` counts secured tokens whose file the state did not name.
     """
+    if kind == LEAKED_EVENT:
+        return _leak_message(list(leaks))
     count = len(exposures) + unnamed
     if kind == LOCKED_EVENT:
         return Message(
@@ -285,6 +521,28 @@ def compose(kind: str, exposures: list[Exposure], unnamed: int = 0) -> Message:
             body = f"Moved from {files} into the keychain."
         return Message(summary, body, "normal")
     raise ValueError(f"unknown notification kind {kind!r}")
+
+
+def _leak_message(leaks: list[Leak]) -> Message:
+    summary = (
+        "Stored npm token exposed"
+        if len(leaks) == 1
+        else f"{len(leaks)} stored npm tokens exposed"
+    )
+    lines = [
+        f"{leak.registry} (fingerprint {leak.fingerprint}): {leak.reason}"
+        for leak in leaks[:_LISTED]
+    ]
+    if len(leaks) > _LISTED:
+        lines.append(f"and {len(leaks) - _LISTED} more")
+    lines.append(
+        "Rotate and revoke it: choose Rotate exposed tokens in the tray menu or "
+        "run `npmguard rotate --exposed`."
+    )
+    return Message(
+        summary, "\n".join(lines), "critical",
+        ((ROTATE_EXPOSED_ACTION, ROTATE_EXPOSED_LABEL),),
+    )
 
 
 class ChangeNotifier(Worker):
@@ -332,6 +590,8 @@ class ChangeNotifier(Worker):
         # secured before this notifier started are not news.
         self._secured_count: int | None = None
         self._locked = False
+        # Leaks already announced, by (vault name, fingerprint).
+        self._leaks: set[tuple[str, str]] = set()
         self._sends: list[float] = []
 
     # ---- the listener side
@@ -365,6 +625,12 @@ class ChangeNotifier(Worker):
             if snapshot.vault_locked and not self._locked:
                 events.append(Event(LOCKED_EVENT))
             self._locked = snapshot.vault_locked
+            leaks = {(leak.name, leak.fingerprint): leak for leak in snapshot.leaks}
+            for key, leak in sorted(leaks.items()):
+                if key not in self._leaks:
+                    events.append(Event(LEAKED_EVENT, leak=leak))
+            # A leak that was rotated and comes back is news again.
+            self._leaks = set(leaks)
         return events
 
     # ---- the sender side
@@ -389,6 +655,7 @@ class ChangeNotifier(Worker):
         held = [e for e in pending if e.kind not in (VANISHED_EVENT, CREDIT_EVENT)]
         if held:
             log.info("dropped %d notification(s) still held back at stop", len(held))
+        self.notifier.close()
 
     def _get(self, timeout: float | None) -> Event | None:
         try:
@@ -467,7 +734,7 @@ class ChangeNotifier(Worker):
                 and exposure_key(e.exposure) in secured
             )
         ]
-        for kind in (EXPOSED_EVENT, SECURED_EVENT, LOCKED_EVENT):
+        for kind in (LEAKED_EVENT, EXPOSED_EVENT, SECURED_EVENT, LOCKED_EVENT):
             batch = [e for e in pending if e.kind == kind]
             if not batch:
                 continue
@@ -475,11 +742,13 @@ class ChangeNotifier(Worker):
                 break
             named = _unique(e.exposure for e in batch if e.exposure is not None)
             unnamed = sum(1 for e in batch if e.exposure is None)
-            if kind == LOCKED_EVENT:
+            if kind in (LOCKED_EVENT, LEAKED_EVENT):
                 unnamed = 0
-            message = compose(kind, named, unnamed)
+            leaks = [e.leak for e in batch if e.leak is not None]
+            message = compose(kind, named, unnamed, leaks)
             self._sends.append(time.monotonic())
-            self.notifier.notify(message.summary, message.body, message.urgency)
+            self.notifier.notify(message.summary, message.body, message.urgency,
+                                 message.actions)
             pending = [e for e in pending if e.kind != kind]
         return pending
 

@@ -88,7 +88,7 @@ class RotationBusyError(RotationError):
 
 @dataclass
 class Outcome:
-    """What one rotation did, for the command's output and the audit trail."""
+    """The result of one rotation, for the command's output and the audit trail."""
 
     name: str
     registry: str

@@ -13,7 +13,9 @@ Pillow at run time, that differs in shape and glyph as well as in colour:
 
 The title (tooltip) describes the status in words, for example
 ``npmguard: 1 exposed token in ~/.npmrc``. It contains no credential value,
-because ``Snapshot`` has none.
+because ``Snapshot`` has none. A stored token that leaked shows the
+exposed icon, and a failed rotation the error icon ("rotation failed");
+the menu's "Rotate exposed tokens" rotates and revokes leaked tokens.
 
 Backends: pystray uses appindicator or gtk where PyGObject (``gi``) is
 importable, and these show the menu. Otherwise it falls back to xorg, which
@@ -89,6 +91,8 @@ class TrayActions(Protocol):
     """
 
     def secure_now(self) -> None: ...
+
+    def rotate_exposed(self) -> None: ...
 
     def pause(self) -> None: ...
 
@@ -277,10 +281,28 @@ def _tokens(count: int) -> str:
 
 def _exposure_words(snapshot: Snapshot) -> str:
     files = list(dict.fromkeys(e.path for e in snapshot.exposures))
-    if not files:
+    words = []
+    if files:
+        place = (
+            display_path(Path(files[0])) if len(files) == 1 else f"{len(files)} files"
+        )
+        words.append(f"{_tokens(len(snapshot.exposures))} in {place}")
+    leaks = len(snapshot.leaks)
+    if leaks:
+        words.append(
+            "1 stored token leaked, rotate it"
+            if leaks == 1
+            else f"{leaks} stored tokens leaked, rotate them"
+        )
+    return "; ".join(words)
+
+
+def _failure_words(snapshot: Snapshot) -> str:
+    registries = list(dict.fromkeys(f.registry for f in snapshot.rotation_failures))
+    if not registries:
         return ""
-    place = display_path(Path(files[0])) if len(files) == 1 else f"{len(files)} files"
-    return f"{_tokens(len(snapshot.exposures))} in {place}"
+    where = registries[0] if len(registries) == 1 else f"{len(registries)} registries"
+    return f"rotation failed for {where}, old token still in use"
 
 
 def describe(snapshot: Snapshot) -> str:
@@ -289,6 +311,10 @@ def describe(snapshot: Snapshot) -> str:
     exposed = _exposure_words(snapshot)
     if status == EXPOSED:
         text = exposed
+    elif status == ERROR and not snapshot.error:
+        text = _failure_words(snapshot)
+        if exposed:
+            text += f"; {exposed}"
     elif status == SECURE:
         text = "all npm tokens are secure"
         if snapshot.secured_count:
@@ -313,6 +339,10 @@ def status_report(snapshot: Snapshot) -> tuple[str, str]:
     lines += [where(e) for e in snapshot.exposures[:3]]
     if len(snapshot.exposures) > 3:
         lines.append(f"and {len(snapshot.exposures) - 3} more")
+    lines += [f"leaked: {leak.registry} (fingerprint {leak.fingerprint}), "
+              f"{leak.reason}" for leak in snapshot.leaks[:3]]
+    lines += [f"rotation failed: {f.registry}: {f.message}"
+              for f in snapshot.rotation_failures[:3]]
     lines.append(f"{snapshot.secured_count} secured since the daemon started")
     return "npmguard status", "\n".join(lines)
 
@@ -447,6 +477,11 @@ class Tray(Worker):
                 "Secure now",
                 self._clicked("secure_now"),
                 enabled=lambda _: bool(snapshot().exposures),
+            ),
+            item(
+                "Rotate exposed tokens",
+                self._clicked("rotate_exposed"),
+                enabled=lambda _: bool(snapshot().leaks),
             ),
             item("Status", self._clicked("status"), default=True),
             item(

@@ -3,6 +3,13 @@
 pnpm runs this through the token helper for every install, so it first
 asks the daemon, which has the keychain open, and imports the config
 parser and the vault only when no daemon is running.
+
+Through the daemon, a job gets a token minted for it where the registry
+can mint (``npmguard.inject.mint``): the daemon works out the job's scope
+from the helper's parent processes (pnpm and its command line), so this
+client sends nothing more than before. With no daemon running the stored
+token is handed out: a one-off process could not revoke a minted token
+when the job ends, and a token the registry never expires would outlive it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ def _run_direct(args: argparse.Namespace) -> int:
     # The keychain opens only when a secured value is actually needed.
     store = LazyStore(open_default_store)
     credential = resolve(registry, effective, store, os.environ)
+    if credential.kind == "_authToken":
+        import logging
+
+        logging.getLogger(__name__).info(
+            "%s: handing out the stored token (fingerprint %s): no daemon is "
+            "running to mint one for the job and revoke it afterwards",
+            credential.registry, credential.value.fingerprint,
+        )
     value = credential.auth_header() if args.header else credential.value
     sys.stdout.write(value.reveal() + "\n")
     sys.stdout.flush()

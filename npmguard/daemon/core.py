@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +52,13 @@ CACHE_SECONDS = 60.0
 RETRY_SECONDS = 2.0
 # SIGTERM must end the daemon within a second; the workers share this.
 STOP_SECONDS = 0.9
+# Ops of the token lifecycle: ``invalidate`` drops cached values and minted
+# tokens (``npmguard rotate`` sends it), ``rotate`` runs a rotation in the
+# daemon's rotator thread (``{"registry": URL|null, "exposed": bool}``).
+LIFECYCLE_OPS = ("invalidate", "rotate")
+# A ``rotate`` request replies after this long at most, and the rotation
+# goes on.
+ROTATE_REPLY_SECONDS = 25.0
 
 
 class DaemonVault:
@@ -127,12 +135,35 @@ class DaemonVault:
         with self._lock:
             self._cache.clear()
 
+    def backend(self) -> CredentialStore:
+        """Return the store itself, without the cache. Rotation writes and reads
+        back through it, so that a value it verifies came from the keychain."""
+        return self._open()
+
     def _locked(self) -> None:
         self.forget()
         if not self._state.snapshot.vault_locked:
             log.warning("the %s is locked; token requests fail until it is "
                         "unlocked", self.description)
             self._state.update(vault_locked=True)
+
+
+class _AuditedServer(SocketServer):
+    """The socket server, with an audit record for each refused peer.
+
+    The server has no hook for refusals, so this overrides its private
+    ``_reject``. A public callback in ``SocketServer`` would replace it.
+    Like the server's log lines, only the first few refusals per uid and
+    then one in a thousand are recorded, so a flood of connections cannot
+    flood the audit trail.
+    """
+
+    def _reject(self, sock: socket.socket, peer: Peer) -> None:
+        super()._reject(sock, peer)
+        count = getattr(self, "_rejected", {}).get(peer.uid, 1)
+        if count <= 5 or count % 1000 == 0:
+            _audit_refused("connect", peer, f"peer uid {peer.uid} is not the "
+                           f"daemon's ({count} refused from it)")
 
 
 class GuardianRunner(Worker):
@@ -241,23 +272,35 @@ class Daemon:
         socket_path: str | None = None,
         store_factory: Callable[[], CredentialStore] | None = None,
         log_path: Path | None = None,
+        rotation: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        # Keyword arguments for the rotator (its check interval and back-off),
+        # for tests that cannot wait minutes.
+        self.rotation_options = dict(rotation or {})
         self.state = DaemonState()
         if store_factory is None:
             store_factory = self._open_store
         self.vault = DaemonVault(store_factory, self.state)
+        # Tokens minted for jobs, in memory only; a part with a sweeper thread
+        # that revokes them (npmguard.inject.mint).
+        from npmguard.inject.mint import MintService
+
+        self.mint_cache = MintService(settings, self.vault)
         # Ops that other modules serve through the daemon, by name.
         self.handlers: dict[str, Handler] = {}
         self._vault_service: Any = None
         explicit = socket_path or os.environ.get(protocol.SOCKET_ENV)
         self.socket_path = socket_path or protocol.socket_path()
-        self.server = SocketServer(
+        self.server = _AuditedServer(
             self.socket_path, self.handle_request, private_dir=not explicit
         )
         self.log_path = log_path
         self.want_tray = tray and settings.tray_enabled
         self.guardian: GuardianRunner | None = None
+        # The scheduled rotation worker (npmguard.daemon.rotator), once started.
+        self.rotator: Any = None
+        self.server.ops.update(LIFECYCLE_OPS)
         self.parts: list[Worker] = []
         self._stop_requested = threading.Event()
         self._signal_name: str | None = None
@@ -278,6 +321,10 @@ class Daemon:
             # a stop requested from then on only has to stop threads, not wait
             # for a slow start (importing pystray can take a second under load).
             self._start_optional_parts()
+            # Stopped with the other parts: revokes what it holds, in time.
+            self._start_part(self.mint_cache)
+            self.handlers["release"] = self.mint_cache.handle_release
+            self.server.ops.add("release")
             self.server.start()
         except BaseException:
             self.stop()
@@ -315,6 +362,7 @@ class Daemon:
         self._stop_vault_service()
         self.parts = []
         self.guardian = None
+        self.rotator = None
         self.vault.forget()
         log.info("daemon stopped")
 
@@ -443,6 +491,7 @@ class Daemon:
                 self.guardian = runner
 
         self._start_notifications()
+        self._start_rotator()
         if self.want_tray:
             tray_class = _load_part("npmguard.tray", "Tray", "the tray icon")
             if tray_class is not None:
@@ -469,13 +518,39 @@ class Daemon:
         if module is None:
             return
         try:
-            worker = module.notify_on_changes(self.state, module.Notifier())
+            notifier = module.Notifier(on_action=self.notification_action)
+            worker = module.notify_on_changes(self.state, notifier)
         except Exception as err:  # noqa: BLE001 - the daemon runs without it
             log.warning("could not set up desktop notifications (%s); running "
                         "without them", _describe(err))
             return
         if isinstance(worker, Worker):
             self.parts.append(worker)
+
+    def _start_rotator(self) -> None:
+        rotator_class = _load_part("npmguard.daemon.rotator", "RotationWorker",
+                                   "scheduled token rotation")
+        if rotator_class is None:
+            return
+        notify = None
+        notify_module = _load_part("npmguard.notify", None, "rotation notifications")
+        if notify_module is not None:
+            notify = notify_module.Notifier().notify
+        rotator = _construct(
+            "scheduled token rotation", rotator_class, self.settings, self.state,
+            self.vault.backend, notify=notify, invalidate=self.invalidate_caches,
+            **self.rotation_options,
+        )
+        if rotator is not None and self._start_part(rotator):
+            self.rotator = rotator
+
+    def invalidate_caches(self) -> None:
+        """Drop cached vault values and minted tokens (after a rotation)."""
+        self.vault.forget()
+        mint_cache = getattr(self, "mint_cache", None)
+        clear = getattr(mint_cache, "clear", None)
+        if callable(clear):
+            clear()
 
     # --- tray actions ------------------------------------------------------
 
@@ -497,6 +572,21 @@ class Daemon:
             self.state.update(paused=False)
             if self.guardian is not None:
                 self.guardian.resumed()
+
+    def notification_action(self, key: str) -> None:
+        """Run the action of a button chosen on a notification."""
+        if key == "rotate-exposed":
+            self.rotate_exposed()
+        else:
+            log.warning("unknown notification action %r", key)
+
+    def rotate_exposed(self) -> None:
+        if self.rotator is None:
+            log.warning("rotate exposed tokens: the rotator is not running; use "
+                        "`npmguard rotate --exposed`")
+            return
+        log.info("rotation of exposed tokens requested")
+        self.rotator.rotate_exposed()
 
     def open_log(self) -> None:
         if self.log_path is None:
@@ -525,14 +615,50 @@ class Daemon:
             if op == "resume":
                 self.resume()
                 return {"ok": True, "paused": False}
+            if op == "invalidate":
+                self.invalidate_caches()
+                if self.rotator is not None:
+                    self.rotator.refresh()
+                log.info("dropped cached tokens at the request of %s",
+                         peer.describe())
+                return {"ok": True}
+            if op == "rotate":
+                return self._rotate(request, peer)
             if op == "token":
                 return self._serve_token(request, peer)
             if op == "env":
                 return self._serve_env(request, peer)
+        except VaultLockedError as err:
+            log.info("%s request from %s rejected: %s", op, peer.describe(), err)
+            _audit_refused(op, peer, "the vault is locked")
+            return protocol.error_reply(REDACTOR.redact(str(err)))
         except NpmguardError as err:
             log.info("%s request from %s failed: %s", op, peer.describe(), err)
             return protocol.error_reply(REDACTOR.redact(str(err)))
         return protocol.error_reply(f"unknown op {op!r}")
+
+    def _rotate(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        registry = request.get("registry")
+        exposed = request.get("exposed", False)
+        if registry is not None and not isinstance(registry, str):
+            return protocol.error_reply("invalid request: registry must be a "
+                                        "string or null")
+        if not isinstance(exposed, bool):
+            return protocol.error_reply("invalid request: exposed must be true "
+                                        "or false")
+        if self.rotator is None:
+            return protocol.error_reply("the daemon's rotator is not running; "
+                                        "run `npmguard rotate` without the daemon")
+        log.info("rotation of %s requested by %s", registry or "every stored token"
+                 + (" (exposed only)" if exposed else ""), peer.describe())
+        job = self.rotator.request(registry, exposed=exposed)
+        if not job.done.wait(ROTATE_REPLY_SECONDS):
+            return {"ok": True, "done": False,
+                    "message": "still running; `npmguard status` shows the outcome"}
+        if job.error:
+            return protocol.error_reply(job.error)
+        return {"ok": True, "done": True, "rotations": job.results,
+                "messages": job.messages}
 
     def _status(self) -> dict[str, Any]:
         reply: dict[str, Any] = {"ok": True}
@@ -559,19 +685,28 @@ class Daemon:
             return {"ok": False, "local": True,
                     "error": "the credential is an environment reference"}
         credential = resolve(registry, effective, self.vault, env)
+        register_secret(credential.value)
+        # A token minted for the job that runs the helper, where possible.
+        grant = self.mint_cache.for_token(
+            credential, findings[0] if findings else None, peer.pid, env=env,
+            cwd=Path(request["cwd"]),
+        )
+        credential = grant.credential
         value = credential.auth_header() if request.get("header") else credential.value
         register_secret(credential.value)
         register_secret(value)
         log.info(
-            "handed out the %s for %s (fp %s, from %s) to %s",
-            credential.kind, credential.registry, credential.value.fingerprint,
-            credential.source, peer.describe(),
+            "handed out the %s%s for %s (fp %s, from %s) to %s",
+            f"{grant.minted.scope} token minted for the job, not the stored "
+            if grant.minted else "", credential.kind, credential.registry,
+            credential.value.fingerprint, credential.source, peer.describe(),
         )
         return {
             "ok": True,
             "value": value.reveal(),
             "registry": credential.registry,
             "fingerprint": credential.value.fingerprint,
+            "minted": grant.minted is not None,
         }
 
     def _serve_env(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -583,20 +718,46 @@ class Daemon:
         variables: dict[str, str] = {}
         if effective.secured():
             variables = exec_environment(effective, self.vault, request.get("registry"))
-        fingerprints = []
         for value in variables.values():
             register_secret(value)
-            fingerprints.append(Secret(value).fingerprint)
+        # Tokens minted for this job with the scope exec asks for; the reply's
+        # lease is what exec's ``release`` names when the job ends.
+        grant = self.mint_cache.for_exec(effective, variables, request, peer.pid)
+        variables = grant.variables
+        fingerprints = [Secret(value).fingerprint for value in variables.values()]
         if variables:
             log.info(
-                "handed out %d credential(s) for exec (fp %s) to %s",
-                len(variables), ", ".join(fingerprints), peer.describe(),
+                "handed out %d credential(s) for exec (fp %s; %d minted for the "
+                "job) to %s", len(variables), ", ".join(fingerprints),
+                len(grant.minted), peer.describe(),
             )
-        return {
+        reply: dict[str, Any] = {
             "ok": True,
             "variables": variables,
-            "warnings": [REDACTOR.redact(str(e)) for e in effective.errors],
+            "warnings": [REDACTOR.redact(str(e)) for e in effective.errors]
+            + [REDACTOR.redact(w) for w in grant.warnings],
+            "notes": [REDACTOR.redact(n) for n in grant.notes],
         }
+        if grant.lease is not None:
+            reply["lease"] = grant.lease
+            reply["minted"] = [m.summary() for m in grant.minted]
+        return reply
+
+
+def peer_fields(peer: Peer) -> dict[str, Any]:
+    """Return the audit trail's view of a peer, as hand-outs record it: pid,
+    executable name and parents' names, never a command line."""
+    from npmguard.inject.mint import ancestors, peer_summary
+
+    return peer_summary(ancestors(peer.pid), peer.pid)
+
+
+def _audit_refused(op: str, peer: Peer, reason: str) -> None:
+    from npmguard import audit
+
+    # note() logs a failure instead of raising, because the request is
+    # rejected either way.
+    audit.note("refused", op=op, peer=peer_fields(peer), reason=reason)
 
 
 def _load_part(module_name: str, attribute: str | None, what: str) -> Any:

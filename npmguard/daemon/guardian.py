@@ -20,6 +20,13 @@ An exposure goes away when its file no longer contains the value, is
 deleted, or is missing from a ``Rescan``. An auto file that could not be
 secured (a locked keychain, a read-only file) is listed too.
 
+A plaintext value whose fingerprint is a stored token's was secured
+before and is back on disk: the guardian marks that token as exposed in
+the credential index (``lifecycle.mark_exposed``) and publishes the state's
+``leaks``, which the tray and the notifications offer to rotate and revoke.
+Each newly seen plaintext value gets an audit ``found`` record and each
+value moved an audit ``secured`` record (fingerprints, never values).
+
 Errors never stop the guardian. Each one is logged once per file and
 cause, not once per event, and again only after the file was clean in
 between. A locked keychain sets ``vault_locked`` in the state, and the
@@ -169,7 +176,8 @@ class Guardian:
             return True
         exposed = [f for f in findings if f.is_exposed]
         paused = self.state.snapshot.paused
-        self._log_new(key, exposed, policy, paused)
+        new = self._log_new(key, exposed, policy, paused)
+        self._check_leaks(key, new)
         if exposed and policy == "auto" and not paused:
             if self._secure(key) is None:
                 self._record(key, exposed, policy)
@@ -228,6 +236,10 @@ class Guardian:
             return 0
         if not result.changed:
             return 0
+        for finding in result.moved:
+            _audit("secured", registry=finding.registry, kind=finding.kind,
+                   fingerprint=finding.fingerprint, path=str(key),
+                   line=finding.line, source="daemon")
         self._logged.pop(_VAULT, None)
         changes: dict[str, Any] = {
             "vault_locked": False,
@@ -259,8 +271,11 @@ class Guardian:
 
     def _log_new(
         self, key: Path, exposed: list[Finding], policy: str, paused: bool
-    ) -> None:
+    ) -> list[Finding]:
+        """Log and audit the plaintext values not seen in ``key`` before, and
+        return them."""
         known = {(e.line, e.fingerprint) for e in self._exposures.get(key, ())}
+        new: list[Finding] = []
         if policy == "auto" and not paused:
             action = "securing it"
         elif policy == "auto":
@@ -270,11 +285,48 @@ class Guardian:
         for finding in exposed:
             if (finding.line, finding.fingerprint) in known:
                 continue
+            new.append(finding)
             log.info(
                 "found plaintext %s for %s at %s:%d (fingerprint %s); policy %s, %s",
                 finding.kind, finding.registry or "-", key, finding.line,
                 finding.fingerprint, policy, action,
             )
+            _audit("found", registry=finding.registry, kind=finding.kind,
+                   fingerprint=finding.fingerprint, path=str(key),
+                   line=finding.line, policy=policy)
+        return new
+
+    def _check_leaks(self, key: Path, found: list[Finding]) -> None:
+        """Mark stored tokens that are back in plaintext as exposed."""
+        fingerprints = {f.fingerprint for f in found if f.fingerprint}
+        if not fingerprints:
+            return
+        from npmguard.commands.common import display_path
+        from npmguard.lifecycle import managed, mark_exposed
+
+        try:
+            stored = {m.fingerprint for m in managed(tokens_only=True)}
+            marked: list[str] = []
+            for finding in found:
+                if finding.fingerprint not in stored:
+                    continue
+                reason = (f"in plaintext again at {display_path(key)}:"
+                          f"{finding.line}")
+                names = mark_exposed(finding.fingerprint, reason)
+                if names:
+                    log.warning(
+                        "the stored token for %s (fingerprint %s) is in plaintext "
+                        "again at %s:%d; it counts as exposed until it is rotated "
+                        "(`npmguard rotate --exposed`)", finding.registry or "-",
+                        finding.fingerprint, key, finding.line,
+                    )
+                marked += names
+        except NpmguardError as err:
+            self._once(key, f"leaks: {err}", logging.WARNING,
+                       "could not check %s against the stored tokens: %s", key, err)
+            return
+        if marked:
+            self.state.refresh_leaks()
 
     def _record(self, key: Path, exposed: list[Finding], policy: str) -> None:
         if not exposed:
@@ -313,3 +365,11 @@ class Guardian:
 
 def _key(path: Path) -> Path:
     return Path(os.path.abspath(path))
+
+
+def _audit(event: str, **fields: object) -> None:
+    from npmguard import audit
+
+    # note() logs a failure instead of raising, because a full disk must not
+    # stop the guardian from securing files.
+    audit.note(event, **fields)

@@ -2,6 +2,12 @@
 
 Listeners (the tray, the log) are called on every change from the thread
 that made it; they must return quickly.
+
+Besides plaintext credentials on disk (``exposures``), the snapshot lists
+stored tokens that count as leaked (``leaks``: the credential index marks
+them, for example after the guardian saw one in plaintext again) and
+scheduled rotations that failed (``rotation_failures``). Neither holds a
+value: registries, fingerprints and reasons only.
 """
 
 from __future__ import annotations
@@ -35,6 +41,27 @@ class Exposure:
 
 
 @dataclass(frozen=True)
+class Leak:
+    """A stored token that counts as exposed until it is rotated."""
+
+    name: str  # the vault name: the npmrc key and an id, no value
+    registry: str
+    fingerprint: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RotationFailure:
+    """A scheduled or requested rotation that did not finish."""
+
+    name: str
+    registry: str
+    fingerprint: str
+    message: str
+    retry_at: float | None = None  # epoch seconds of the next automatic try
+
+
+@dataclass(frozen=True)
 class Snapshot:
     paused: bool = False
     vault_locked: bool = False
@@ -42,16 +69,18 @@ class Snapshot:
     exposures: tuple[Exposure, ...] = ()
     secured_count: int = 0
     started: float = field(default_factory=time.time)
+    leaks: tuple[Leak, ...] = ()
+    rotation_failures: tuple[RotationFailure, ...] = ()
 
     @property
     def status(self) -> str:
         if self.paused:
             return PAUSED
-        if self.error:
+        if self.error or self.rotation_failures:
             return ERROR
         if self.vault_locked:
             return LOCKED
-        if self.exposures:
+        if self.exposures or self.leaks:
             return EXPOSED
         return SECURE
 
@@ -64,6 +93,8 @@ class Snapshot:
             "exposures": [e.__dict__ for e in self.exposures],
             "secured_count": self.secured_count,
             "uptime_seconds": round(time.time() - self.started, 1),
+            "leaks": [leak.__dict__ for leak in self.leaks],
+            "rotation_failures": [f.__dict__ for f in self.rotation_failures],
         }
 
 
@@ -77,6 +108,9 @@ class DaemonState:
         self._lock = threading.Lock()
         self._snapshot = Snapshot()
         self._listeners: list[Listener] = []
+        # Held while ``leaks`` is read from the index and published, so two
+        # threads cannot publish in the opposite order of their reads.
+        self._leaks_lock = threading.Lock()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -100,3 +134,25 @@ class DaemonState:
                 except Exception:  # noqa: BLE001 - a listener must not stop others
                     log.exception("state listener failed")
         return after
+
+    def refresh_leaks(self) -> Snapshot:
+        """Set ``leaks`` from the credential index: stored tokens marked exposed.
+
+        An unreadable index keeps the leaks known so far. It is logged at
+        debug level only, because every command that reads the index reports it.
+        """
+        from npmguard.errors import NpmguardError
+        from npmguard.lifecycle import managed
+
+        with self._leaks_lock:
+            try:
+                entries = managed()
+            except NpmguardError as err:
+                log.debug("leaks not refreshed: %s", err)
+                return self.snapshot
+            leaks = tuple(
+                Leak(e.name, e.registry, e.fingerprint, str(e.meta["exposed"]))
+                for e in entries
+                if e.meta.get("exposed")
+            )
+            return self.update(leaks=leaks)

@@ -174,3 +174,19 @@ def exec_environment(
         value = require(store, finding.vault_name or "")
         variables[f"npm_config_{finding.key}"] = value.reveal()
     return variables
+
+
+def exec_findings(effective: Effective, registry_url: str | None) -> list[Finding]:
+    """Return the secured findings ``exec_environment`` turns into variables.
+
+    Each becomes ``npm_config_<finding.key>``; ``npmguard.inject.mint`` uses
+    the findings' vault names to replace stored tokens with minted ones.
+    """
+    findings = effective.secured()
+    if registry_url is not None:
+        keys = set(candidate_keys(registry_url))
+        findings = [f for f in findings if f.registry in keys]
+    return [
+        f for f in findings
+        if f.registry is not None and f.key.startswith("//") and f.vault_name
+    ]
