@@ -289,6 +289,16 @@ class Rotator:
 
         with state_lock():
             index = load_index()
+            # Other entries that hold the same token (secured again from a
+            # second file) would keep a revoked value: give them the new one.
+            for name, other in index.items():
+                if name != entry.name and other.get("fingerprint") == record[
+                    "old_fingerprint"
+                ] and self.store.get(name) == old:
+                    _store_verified(self.store, name, new)
+                    other.update(fingerprint=new.fingerprint, rotated=time.time())
+                    log.info("gave the new token to %s too (it held the same token)",
+                             name)
             meta = index.get(entry.name)
             if meta is not None:
                 meta.update(
@@ -563,6 +573,19 @@ def _journal_for(name: str) -> dict[str, Any] | None:
             if record["name"] == name:
                 return record
     return None
+
+
+def pending_names() -> dict[str, str]:
+    """Map the vault name of each unfinished rotation to its registry.
+
+    Unreadable journal entries are left out; ``Rotator.recover`` reports them.
+    """
+    names: dict[str, str] = {}
+    for path in pending_rotations():
+        with contextlib.suppress(JournalError):
+            record = _load(path)
+            names[str(record["name"])] = str(record.get("registry") or "")
+    return names
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -337,3 +337,42 @@ def test_rotate_asks_password(home: Path, verdaccio) -> None:  # type: ignore[no
     assert "password" not in load_index()[
         next(n for n, e in load_index().items() if e.get("origin") == "login")
     ]
+
+
+def test_rotate_updates_copies(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
+    from npmguard.vault import open_default_store
+
+    user, _ = _login(verdaccio, home, "--store-password")
+    old = _stored_token(verdaccio, home)
+    project = home / "copy"
+    project.mkdir()
+    (project / "package.json").write_text('{"name": "copy", "version": "1.0.0"}\n')
+    (project / ".npmrc").write_text(f"{verdaccio.nerf}:_authToken={old}\n")
+    assert npmguard("secure", "--token-helper", "never", cwd=project).returncode == 0
+    assert len(load_index()) == 2
+
+    result = npmguard("rotate", cwd=home)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("rotated the token") == 1
+    store = open_default_store()
+    values = {store.get(name) for name in load_index()}
+    assert len(values) == 1
+    (new,) = values
+    assert new is not None
+    assert verdaccio.whoami(new.reveal()) == user
+    assert _refused(verdaccio, old)
+    assert {e["fingerprint"] for e in load_index().values()} == {new.fingerprint}
+
+
+def test_secure_and_restore_audited(home: Path, verdaccio, canary) -> None:  # type: ignore[no-untyped-def]
+    (home / ".npmrc").write_text(f"{verdaccio.nerf}:_authToken={canary}\n")
+
+    secured = npmguard("secure", "--token-helper", "never", cwd=home)
+    restored = npmguard("restore", cwd=home)
+
+    assert secured.returncode == 0, secured.stderr
+    assert restored.returncode == 0, restored.stderr
+    assert "WARNING" not in secured.stderr + restored.stderr
+    events = [r["event"] for r in audit.read()]
+    assert events == ["secured", "restored"]

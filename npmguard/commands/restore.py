@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from npmguard import audit
 from npmguard.commands.common import (
     discover,
     display_path,
@@ -40,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
                 failed = True
                 continue
             for finding in result.moved:
+                if not args.dry_run:
+                    audit.note("restored", registry=finding.registry or "-",
+                               kind=finding.kind, fingerprint=finding.fingerprint,
+                               source=str(finding.path))
                 verb = "would restore" if args.dry_run else "restored"
                 print(f"{verb} {finding.kind} for {finding.registry or '-'} at "
                       f"{display_path(finding.path)}:{finding.line}")

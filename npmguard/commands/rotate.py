@@ -25,7 +25,7 @@ from npmguard.errors import NpmguardError, UsageError
 def run(args: argparse.Namespace) -> int:
     from npmguard import lifecycle, rotation
     from npmguard.config import load_settings
-    from npmguard.migrate import pending_journal, recover
+    from npmguard.migrate import load_index, pending_journal, recover
     from npmguard.npmrc.nerf import InvalidRegistryError
     from npmguard.vault import open_default_store
 
@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
             _say(args, "no scheduled rotation is due")
 
     for entry in entries:
+        if load_index().get(entry.name, {}).get("fingerprint") != entry.fingerprint:
+            # Rotated already in this run, as a copy of an earlier entry.
+            continue
         if entry.name in reasons:
             _say(args, f"{entry.registry} (fingerprint {entry.fingerprint}) is "
                        f"exposed: {reasons[entry.name]}")

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from npmguard import audit
 from npmguard.commands.common import (
     discover,
     display_path,
@@ -50,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
                 failed = True
                 continue
             for finding in result.moved:
+                if not args.dry_run:
+                    audit.note("secured", registry=finding.registry or "-",
+                               kind=finding.kind, fingerprint=finding.fingerprint,
+                               source=str(finding.path))
                 verb = "would secure" if args.dry_run else "secured"
                 print(
                     f"{verb} {finding.kind} for {finding.registry or '-'} at "

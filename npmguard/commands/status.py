@@ -175,7 +175,7 @@ def inventory_of_credentials() -> tuple[list[dict[str, Any]], list[str]]:
         return [], [*errors, str(err)]
     if not entries:
         return [], errors
-    from npmguard.daemon.rotator import pending_names
+    from npmguard.rotation import pending_names
 
     urls = lifecycle.configured_urls(os.environ, Path.cwd())
     pending = pending_names()

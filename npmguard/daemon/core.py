@@ -22,7 +22,6 @@ import logging
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -148,22 +147,10 @@ class DaemonVault:
             self._state.update(vault_locked=True)
 
 
-class _AuditedServer(SocketServer):
-    """The socket server, with an audit record for each refused peer.
-
-    The server has no hook for refusals, so this overrides its private
-    ``_reject``. A public callback in ``SocketServer`` would replace it.
-    Like the server's log lines, only the first few refusals per uid and
-    then one in a thousand are recorded, so a flood of connections cannot
-    flood the audit trail.
-    """
-
-    def _reject(self, sock: socket.socket, peer: Peer) -> None:
-        super()._reject(sock, peer)
-        count = getattr(self, "_rejected", {}).get(peer.uid, 1)
-        if count <= 5 or count % 1000 == 0:
-            _audit_refused("connect", peer, f"peer uid {peer.uid} is not the "
-                           f"daemon's ({count} refused from it)")
+def _audit_rejected(peer: Peer, count: int) -> None:
+    """Record a refused peer; the server calls this for the first few per uid."""
+    _audit_refused("connect", peer, f"peer uid {peer.uid} is not the daemon's "
+                   f"({count} refused from it)")
 
 
 class GuardianRunner(Worker):
@@ -292,8 +279,9 @@ class Daemon:
         self._vault_service: Any = None
         explicit = socket_path or os.environ.get(protocol.SOCKET_ENV)
         self.socket_path = socket_path or protocol.socket_path()
-        self.server = _AuditedServer(
-            self.socket_path, self.handle_request, private_dir=not explicit
+        self.server = SocketServer(
+            self.socket_path, self.handle_request, private_dir=not explicit,
+            on_reject=_audit_rejected,
         )
         self.log_path = log_path
         self.want_tray = tray and settings.tray_enabled

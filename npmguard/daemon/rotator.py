@@ -235,7 +235,7 @@ class RotationWorker(Worker):
             return
         self._urls = _configured_urls()
         now = self.clock()
-        pending = pending_names()
+        pending = rotation.pending_names()
         due = {e.name for e in rotation.due(entries, self._rotate_days, now)}
         for entry in entries:
             if self.stopping.is_set():
@@ -544,23 +544,6 @@ class RotationWorker(Worker):
         self._logged.add((key, cause))
         log.warning(message, *args)
 
-
-def pending_names() -> dict[str, str]:
-    """Return vault name -> registry of every rotation a journal entry names.
-
-    Unreadable entries are skipped, because ``Rotator.recover`` reports them.
-    """
-    from npmguard.rotation import pending_rotations
-
-    names: dict[str, str] = {}
-    for path in pending_rotations():
-        try:
-            record = json.loads(path.read_bytes())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and isinstance(record.get("name"), str):
-            names[record["name"]] = str(record.get("registry") or "")
-    return names
 
 
 def _configured_urls() -> dict[str, str]:

@@ -171,8 +171,11 @@ class SocketServer(Worker):
         threads: int = 8,
         max_connections: int = 1024,
         idle_seconds: float = IDLE_SECONDS,
+        on_reject: Callable[[Peer, int], None] | None = None,
     ) -> None:
         super().__init__()
+        # Called with the peer and how many were refused from its uid so far.
+        self.on_reject = on_reject
         self.path = Path(path)
         self.handler = handler
         self.private_dir = private_dir
@@ -454,6 +457,11 @@ class SocketServer(Worker):
         with contextlib.suppress(OSError):
             sock.send(reply)
             sock.shutdown(socket.SHUT_WR)
+        if self.on_reject is not None and (count <= 5 or count % 1000 == 0):
+            try:
+                self.on_reject(peer, count)
+            except Exception:  # noqa: BLE001 - a hook must not stop the server
+                log.exception("the refused-peer hook failed")
 
     def _read(self, connection: _Connection, selector: selectors.BaseSelector) -> None:
         try:
