@@ -19,7 +19,17 @@ from npmguard.registry.base import (
     TokenInfo,
     TokenRejectedError,
 )
-from npmguard.registry.detect import PROVIDERS, detect_kind, provider_for
+
+
+def __getattr__(name: str) -> object:
+    # The providers need urllib and ssl (about 5 MB and 20 ms); importing
+    # the errors and types above must not load them, because the daemon
+    # and the token path import them without calling any registry.
+    if name in ("PROVIDERS", "detect_kind", "provider_for"):
+        from npmguard.registry import detect
+
+        return getattr(detect, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "PROVIDERS",
