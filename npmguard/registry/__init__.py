@@ -22,7 +22,7 @@ from npmguard.registry.base import (
 
 
 def __getattr__(name: str) -> object:
-    # The providers need urllib and ssl (about 5 MB and 20 ms); importing
+    # The providers need urllib and ssl (about 20 ms to import); importing
     # the errors and types above must not load them, because the daemon
     # and the token path import them without calling any registry.
     if name in ("PROVIDERS", "detect_kind", "provider_for"):
