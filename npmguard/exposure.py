@@ -62,6 +62,9 @@ def _source_exposure(path: Path, entry: Managed, store: CredentialStore) -> str:
     from npmguard.commands.common import display_path
     from npmguard.commands.scan import _committed_lines, _git_root
 
+    if entry.meta.get("origin") == "login" or entry.rotated is not None:
+        # This value came from the registry and never was in the file.
+        return ""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -72,8 +75,6 @@ def _source_exposure(path: Path, entry: Managed, store: CredentialStore) -> str:
     synced = synced_folder(path)
     if synced:
         return f"{display_path(path)} is in a {synced} folder"
-    if entry.meta.get("origin") == "login":
-        return ""  # never was in the file
     repo = _git_root(path.parent)
     if repo is None:
         return ""

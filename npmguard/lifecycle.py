@@ -38,6 +38,9 @@ class Managed:
 
     name: str
     meta: Mapping[str, Any]
+    # The password entry of another index entry that holds the same token
+    # (secured again from a second file): same token, same account.
+    shared_password: str | None = None
 
     @property
     def registry(self) -> str:
@@ -72,7 +75,9 @@ class Managed:
 
     @property
     def password_name(self) -> str | None:
-        return self.name + PASSWORD_SUFFIX if self.meta.get("password") else None
+        if self.meta.get("password"):
+            return self.name + PASSWORD_SUFFIX
+        return self.shared_password
 
     def age_days(self, now: float | None = None) -> float | None:
         if self.issued is None:
@@ -89,7 +94,17 @@ class Managed:
 
 def managed(*, tokens_only: bool = False) -> list[Managed]:
     """Return every indexed credential, sorted by registry then name."""
-    entries = [Managed(name, meta) for name, meta in load_index().items()]
+    index = load_index()
+    passwords = {
+        (meta.get("registry"), meta.get("fingerprint")): name + PASSWORD_SUFFIX
+        for name, meta in index.items()
+        if meta.get("password") and meta.get("fingerprint")
+    }
+    entries = [
+        Managed(name, meta, passwords.get((meta.get("registry"),
+                                           meta.get("fingerprint"))))
+        for name, meta in index.items()
+    ]
     if tokens_only:
         entries = [m for m in entries if m.is_token]
     return sorted(entries, key=lambda m: (m.registry, m.name))

@@ -41,7 +41,7 @@ from typing import Any
 from npmguard import audit, paths
 from npmguard.errors import JournalError, NpmguardError
 from npmguard.files import write_private
-from npmguard.lifecycle import Managed, update
+from npmguard.lifecycle import Managed, managed, update
 from npmguard.migrate import (
     NEXT_SUFFIX,
     OLD_SUFFIX,
@@ -319,6 +319,9 @@ class Rotator:
             for suffix in (NEXT_SUFFIX, OLD_SUFFIX):
                 self.store.delete(entry.name + suffix)
             _drop(record)
+        # Once more now that the index names the new token, so that the
+        # daemon's state (exposures, failures) is refreshed from it.
+        self._invalidate()
         audit.note("rotated", registry=entry.registry, provider=record["provider"],
                      fingerprint=new.fingerprint,
                      reason=str(record.get("reason") or ""),
@@ -449,7 +452,7 @@ class Rotator:
             _drop(record)
             return (f"dropped an interrupted rotation of {record['registry']}: its "
                     "credential is no longer stored")
-        entry = Managed(name, meta)
+        entry = next((m for m in managed() if m.name == name), Managed(name, meta))
         provider = self.provider_for(entry)
         phase = record["phase"]
         pending = self.store.get(name + NEXT_SUFFIX)
@@ -613,22 +616,41 @@ def _journal_error(path: Path) -> JournalError:
     )
 
 
+# A token that expires is replaced when this share of its life is left.
+EXPIRY_SHARE = 0.2
+
+
 def due(entries: list[Managed], rotate_days: Callable[[Managed], float],
         now: float | None = None) -> list[Managed]:
-    """Return the entries whose scheduled rotation is due."""
+    """Return the entries whose scheduled rotation is due or that expire soon."""
     now = now or time.time()
     result = []
     for entry in entries:
         days = rotate_days(entry)
         last = entry.rotated or entry.issued
-        if days > 0 and last is not None and now - last >= days * 86400:
+        scheduled = days > 0 and last is not None and now - last >= days * 86400
+        if scheduled or expires_soon(entry, now):
             result.append(entry)
     return result
 
 
+def expires_soon(entry: Managed, now: float) -> bool:
+    """Tell whether less than ``EXPIRY_SHARE`` of the token's life is left."""
+    if entry.expires is None:
+        return False
+    start = entry.rotated or entry.issued or entry.expires
+    life = max(entry.expires - start, 0.0)
+    return now >= entry.expires - EXPIRY_SHARE * life
+
+
 def next_rotation(entry: Managed, rotate_days: float) -> float | None:
+    """Return when the token is next replaced: by schedule or before it expires."""
     last = entry.rotated or entry.issued
-    if rotate_days <= 0 or last is None:
-        return None
-    return last + rotate_days * 86400
+    times = []
+    if rotate_days > 0 and last is not None:
+        times.append(last + rotate_days * 86400)
+    if entry.expires is not None:
+        start = last or entry.expires
+        times.append(entry.expires - EXPIRY_SHARE * max(entry.expires - start, 0.0))
+    return min(times) if times else None
 

@@ -17,6 +17,7 @@ import realparts
 
 from npmguard import audit, paths
 from npmguard.migrate import load_index
+from npmguard.secret import fingerprint
 from tests.npmcli import files_containing, npmguard
 
 pytestmark = pytest.mark.usefixtures("keyring_bus")
@@ -376,3 +377,88 @@ def test_secure_and_restore_audited(home: Path, verdaccio, canary) -> None:  # t
     assert "WARNING" not in secured.stderr + restored.stderr
     events = [r["event"] for r in audit.read()]
     assert events == ["secured", "restored"]
+
+
+def test_exposed_skips_login_token(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
+    _login(verdaccio, home, "--store-password")
+    old = _stored_token(verdaccio, home)
+    (home / ".npmrc").chmod(0o644)
+
+    result = npmguard("rotate", "--exposed", cwd=home)
+
+    assert result.returncode == 0, result.stderr
+    assert "no stored token is known to be exposed" in result.stdout
+    assert _stored_token(verdaccio, home) == old
+
+
+def test_relogin_revokes_earlier(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
+    user, pw = _login(verdaccio, home)
+    first = _stored_token(verdaccio, home)
+
+    again = _run_login(verdaccio, home, user, pw)
+
+    assert again.returncode == 0, again.stderr
+    assert "revoked 1 token(s)" in again.stdout
+    assert _refused(verdaccio, first)
+    assert verdaccio.whoami(_stored_token(verdaccio, home)) == user
+    assert len(load_index()) == 1
+
+
+def test_login_failed_store_revokes(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
+    user, pw = _user()
+    session = verdaccio.add_user(user, pw)
+    npmrc = home / ".npmrc"
+    npmrc.write_text("color=false\n")
+    npmrc.chmod(0o444)
+
+    result = _run_login(verdaccio, home, user, pw)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    _, listing = verdaccio.request("GET", "-/npm/v1/tokens", token=session)
+    assert listing["objects"] == []
+    assert load_index() == {}
+
+
+def test_login_stdin_not_utf8(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from tests.npmcli import NPMGUARD
+
+    result = subprocess.run(
+        [*NPMGUARD, "login", "--registry", verdaccio.url, "--username", "u",
+         "--password-stdin"],
+        cwd=home, input=b"\xff\xfe\xfa\n", capture_output=True, timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert b"not UTF-8" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_token_direct_audited(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
+    _login(verdaccio, home)
+    token = _stored_token(verdaccio, home)
+
+    events = [r for r in audit.read() if r["event"] == "handed-out"]
+
+    assert [r["fingerprint"] for r in events][-1:] == [
+        fingerprint(token)
+    ]
+
+
+def test_due_when_expiring() -> None:
+    import time
+
+    from npmguard.lifecycle import Managed
+    from npmguard.rotation import due, next_rotation
+
+    now = time.time()
+    fresh = Managed("a", {"issued": now - 10, "expires": now + 1000})
+    ending = Managed("b", {"issued": now - 900, "expires": now + 100})
+
+    chosen = due([fresh, ending], lambda entry: 0.0, now)
+
+    assert [e.name for e in chosen] == ["b"]
+    assert next_rotation(fresh, 0.0) == pytest.approx(now + 1000 - 0.2 * 1010)

@@ -325,6 +325,11 @@ def test_chain_without_tool() -> None:
 def test_ancestors_real_process(tmp_path: Path) -> None:
     child = subprocess.Popen(["sleep", "30"])
     try:
+        # Until the child has called exec, /proc shows no command line yet.
+        deadline = time.monotonic() + 5
+        while mint.ancestors(child.pid, 1)[0].cmdline != ("sleep", "30"):
+            assert time.monotonic() < deadline, "the child never ran sleep"
+            time.sleep(0.01)
         chain = mint.ancestors(child.pid, 2)
         assert [p.pid for p in chain[:2]] == [child.pid, os.getpid()]
         assert chain[0].cmdline == ("sleep", "30")
@@ -605,11 +610,36 @@ def test_cache_revokes_when_job_ends(home: Path, verdaccio: Any) -> None:
 def test_cache_clear_revokes(home: Path, verdaccio: Any) -> None:
     account = _login(verdaccio, home)
     service, plan = _service(account)
-    holder = mint.Holder.of(mint.ancestors(os.getpid(), 0)[0])
-    minted, _ = service.cache.obtain(plan.entry.name, READ_ONLY, holder,
+    job = subprocess.Popen(["sleep", "30"])
+    minted, _ = service.cache.obtain(plan.entry.name, READ_ONLY, _holder(job),
                                      lambda: service.minter.mint(plan, READ_ONLY))
+    job.kill()
+    job.wait()
     assert service.clear() == 1
     assert _http_status(verdaccio, "GET", "-/whoami", minted.value.reveal()) == 403
+
+
+def test_cache_clear_spares_running_job(home: Path, verdaccio: Any) -> None:
+    account = _login(verdaccio, home)
+    service, plan = _service(account)
+    job = subprocess.Popen(["sleep", "30"])
+    minted, _ = service.cache.obtain(plan.entry.name, READ_ONLY, _holder(job),
+                                     lambda: service.minter.mint(plan, READ_ONLY))
+    value = minted.value.reveal()
+    try:
+        assert service.clear() == 0
+        assert _http_status(verdaccio, "GET", "-/whoami", value) == 200
+        again, fresh = service.cache.obtain(
+            plan.entry.name, READ_ONLY, _holder(job),
+            lambda: service.minter.mint(plan, READ_ONLY))
+        assert fresh is True
+        assert again.fingerprint != minted.fingerprint
+    finally:
+        job.kill()
+        job.wait()
+    service.cache.sweep()
+    assert _http_status(verdaccio, "GET", "-/whoami", value) == 403
+    service.clear()
 
 
 def test_service_stops_fast_when_empty(home: Path) -> None:

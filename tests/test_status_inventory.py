@@ -289,14 +289,22 @@ def test_last_use_handed_out(with_password: Managed, home: Path) -> None:
 
 
 def test_last_use_minted(with_password: Managed, home: Path) -> None:
-    audit.record("minted", registry=with_password.registry, fingerprint="a" * 12)
+    audit.record("minted", registry=with_password.registry, fingerprint="a" * 12,
+                 stored_fingerprint=with_password.fingerprint)
     assert item(home, with_password.registry)["last_used"]["event"] == "minted"
 
 
 def test_last_use_minted_handout(with_password: Managed, home: Path) -> None:
     audit.record("handed-out", registry=with_password.registry,
-                 fingerprint="c" * 12, minted=True)
+                 fingerprint="c" * 12, minted=True,
+                 stored_fingerprint=with_password.fingerprint)
     assert item(home, with_password.registry)["last_used"]["event"] == "handed-out"
+
+
+def test_last_use_other_token_handout(with_password: Managed, home: Path) -> None:
+    audit.record("handed-out", registry=with_password.registry,
+                 fingerprint="c" * 12, minted=True, stored_fingerprint="d" * 12)
+    assert item(home, with_password.registry)["last_used"] is None
 
 
 def test_last_use_minted_from_other(with_password: Managed, home: Path) -> None:
@@ -322,7 +330,8 @@ def test_last_use_newest(with_password: Managed, home: Path) -> None:
     audit.record("handed-out", registry=with_password.registry,
                  fingerprint=with_password.fingerprint)
     time.sleep(0.01)
-    audit.record("minted", registry=with_password.registry, fingerprint="a" * 12)
+    audit.record("minted", registry=with_password.registry, fingerprint="a" * 12,
+                 stored_fingerprint=with_password.fingerprint)
     assert item(home, with_password.registry)["last_used"]["event"] == "minted"
 
 

@@ -21,13 +21,17 @@ import sys
 import time
 
 from npmguard.errors import NpmguardError, UsageError
+from npmguard.npmrc.nerf import nerf_dart
 from npmguard.registry.base import (
+    Auth,
     IssuedToken,
     NotSupportedError,
     OtpRequiredError,
     Provider,
+    TokenInfo,
 )
 from npmguard.secret import Secret
+from npmguard.vault.base import CredentialStore
 
 
 class LoginError(NpmguardError):
@@ -44,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from npmguard.inject.resolve import Effective
     from npmguard.migrate import PASSWORD_SUFFIX, add_secured
     from npmguard.npmrc.locate import user_config_path
-    from npmguard.npmrc.nerf import InvalidRegistryError, nerf_dart
+    from npmguard.npmrc.nerf import InvalidRegistryError
     from npmguard.registry import detect
-    from npmguard.registry.base import PUBLISH, Auth, RegistryError
+    from npmguard.registry.base import PUBLISH, RegistryError
     from npmguard.vault import open_default_store
 
     if args.store_password and args.token_stdin:
@@ -108,18 +112,39 @@ def run(args: argparse.Namespace) -> int:
         meta["password"] = True
         extra[PASSWORD_SUFFIX] = password
     user_config = user_config_path(os.environ)
-    added = add_secured(user_config, f"{nerf}:_authToken", issued_value, store,
-                        meta, extra)
+    earlier = _earlier_logins(nerf, store)
+    try:
+        added = add_secured(user_config, f"{nerf}:_authToken", issued_value, store,
+                            meta, extra)
+    except BaseException:
+        if exchanged:
+            # Nothing keeps the token just made; it must not stay valid.
+            _revoke_quietly(provider, Auth(issued_value, password), issued_value,
+                            info, "the login did not finish")
+        raise
+    replaced_names = {f.vault_name for f in added.replaced if f.vault_name}
+    revoked = 0
+    for name, (old_value, old_key) in earlier.items():
+        # Made by an earlier `npmguard login` and never shown to anyone, so
+        # nothing else can be using it once its line is replaced.
+        if name in replaced_names and old_value != issued_value:
+            revoked += _revoke_quietly(provider, Auth(issued_value, password),
+                                       old_value, TokenInfo(key=old_key),
+                                       "replaced by a new login")
 
     audit.note("login", registry=nerf, provider=caps.provider, username=user,
-                 fingerprint=issued_value.fingerprint,
-                 reason=how + (" exchanged for an API token" if exchanged else ""))
+               fingerprint=issued_value.fingerprint,
+               reason=how + (" exchanged for an API token" if exchanged else ""))
     print(f"logged in to {url} as {user}; the token is in the {store.description} "
           f"(fingerprint {issued_value.fingerprint}), and no file holds it")
     for finding in added.replaced:
+        if finding.vault_name in earlier:
+            continue
         print(f"replaced the earlier {finding.kind} line at {user_config}:"
               f"{finding.line} ({finding.state}); that token still works until it "
               "is revoked")
+    if revoked:
+        print(f"revoked {revoked} token(s) stored by an earlier npmguard login")
     if extra:
         print("the password is stored too, so tokens can be minted and rotated "
               "without asking")
@@ -127,6 +152,41 @@ def run(args: argparse.Namespace) -> int:
         for message in sync_token_helpers(user_config, secured_registries()):
             print(message)
     return 0
+
+
+def _earlier_logins(
+    nerf: str, store: CredentialStore
+) -> dict[str, tuple[Secret, str | None]]:
+    """Return the tokens earlier ``npmguard login`` runs stored, by vault name."""
+    from npmguard.migrate import load_index
+
+    found: dict[str, tuple[Secret, str | None]] = {}
+    for name, meta in load_index().items():
+        if meta.get("origin") != "login" or meta.get("registry") != nerf:
+            continue
+        value = store.get(name)
+        if value is not None:
+            key = meta.get("token_key")
+            found[name] = (value, key if isinstance(key, str) else None)
+    return found
+
+
+def _revoke_quietly(
+    provider: Provider, auth: Auth, target: Secret, info: TokenInfo | None, why: str
+) -> bool:
+    """Revoke ``target``; print why not, when the registry refuses."""
+    from npmguard import audit
+    from npmguard.registry.base import RegistryError
+
+    try:
+        provider.revoke(auth, target, info)
+    except (RegistryError, OSError) as err:
+        print(f"npmguard: could not revoke the token {target.fingerprint} ({why}): "
+              f"{err}", file=sys.stderr)
+        return False
+    audit.note("revoked", registry=nerf_dart(provider.registry),
+               fingerprint=target.fingerprint, reason=why)
+    return True
 
 
 def _log_in(
@@ -186,8 +246,11 @@ def _prompt(text: str, *, hidden: bool = False) -> str:
 
 
 def _read_stdin_secret(what: str) -> Secret:
-    data = sys.stdin.readline()
-    value = data.rstrip("\r\n")
+    raw = sys.stdin.buffer.readline()
+    try:
+        value = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise UsageError(f"--{what}-stdin: the input is not UTF-8 text") from None
     if not value:
         raise UsageError(f"--{what}-stdin: no {what} on standard input")
     return Secret(value)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.dry_run:
                     audit.note("restored", registry=finding.registry or "-",
                                kind=finding.kind, fingerprint=finding.fingerprint,
-                               source=str(finding.path))
+                               source=os.path.abspath(finding.path))
                 verb = "would restore" if args.dry_run else "restored"
                 print(f"{verb} {finding.kind} for {finding.registry or '-'} at "
                       f"{display_path(finding.path)}:{finding.line}")

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.dry_run:
                     audit.note("secured", registry=finding.registry or "-",
                                kind=finding.kind, fingerprint=finding.fingerprint,
-                               source=str(finding.path))
+                               source=os.path.abspath(finding.path))
                 verb = "would secure" if args.dry_run else "secured"
                 print(
                     f"{verb} {finding.kind} for {finding.registry or '-'} at "

@@ -392,9 +392,9 @@ def _is_use_of(record: dict[str, Any], entry: Any) -> bool:
     """Tell whether an audit record is a use of the stored credential ``entry``.
 
     A ``handed-out`` record names the value handed out: the stored one, or
-    a token minted from it (``minted: true``). A ``minted`` record names the
-    stored token it was made from (``stored_fingerprint``). The token a
-    rotation creates is not a use.
+    a token minted from it, which also names the stored token
+    (``stored_fingerprint``), as ``minted`` records do. The token a rotation
+    creates is not a use.
     """
     event = record.get("event")
     if event == "minted" and record.get("reason") == "rotation":
@@ -411,11 +411,9 @@ def _is_use_of(record: dict[str, Any], entry: Any) -> bool:
     registry = record.get("registry")
     if not isinstance(registry, str) or not _same_registry(registry, entry.registry):
         return False
-    if event == "minted":
-        # Made from another stored token of the same registry, when named.
-        return "stored_fingerprint" not in record
-    if record.get("minted") is True:
-        return True
+    if "stored_fingerprint" in record:
+        # Made from another stored token of the same registry.
+        return False
     return not fingerprints
 
 
@@ -511,8 +509,11 @@ def _age(item: dict[str, Any]) -> str:
     days = item["age_days"]
     if days is None:
         return "not known"
-    since = f" (since {_when(item['issued'])})" if item["issued"] else ""
-    return _duration(days * DAY) + since
+    if item["issued"]:
+        # The JSON rounds age_days to 0.01 day (14 min); the text need not.
+        seconds = max(0.0, time.time() - float(item["issued"]))
+        return f"{_duration(seconds)} (since {_when(item['issued'])})"
+    return _duration(days * DAY)
 
 
 def _yes(value: object) -> str:

@@ -55,6 +55,11 @@ def _run_direct(args: argparse.Namespace) -> int:
             credential.registry, credential.value.fingerprint,
         )
     value = credential.auth_header() if args.header else credential.value
+    from npmguard import audit
+
+    audit.note("handed-out", registry=credential.registry,
+               fingerprint=credential.value.fingerprint, minted=False,
+               command="npmguard token")
     sys.stdout.write(value.reveal() + "\n")
     sys.stdout.flush()
     return 0

@@ -798,13 +798,27 @@ class MintCache:
         return max(0.0, min(deadlines) - self.clock())
 
     def clear(self, reason: str) -> int:
-        """Drop every token and revoke it; return how many were revoked."""
+        """Stop handing out every token; revoke those no running job holds.
+
+        A token a job still holds stays valid until that job ends, when the
+        sweep revokes it: a minted token belongs to the account, not to the
+        stored token, so a rotation need not break builds in progress.
+        Returns how many were revoked now.
+        """
+        now = self.clock()
         with self._lock:
-            tokens = [m for m in self._live if not m.closed]
-            self._live.clear()
             self._serving.clear()
-            self._leases.clear()
-        revoked = sum(self._drop(m, reason) for m in tokens)
+            idle = []
+            for minted in self._live:
+                if minted.closed:
+                    continue
+                for key, holder in list(minted.holders.items()):
+                    if not holder.alive():
+                        del minted.holders[key]
+                minted.serve_until = min(minted.serve_until, now)
+                if not minted.holders:
+                    idle.append(minted)
+        revoked = sum(self._drop(m, reason) for m in idle)
         self.wake.set()
         return revoked
 
@@ -1035,6 +1049,8 @@ class MintService(Worker):
         record("handed-out", registry=used.registry,
                fingerprint=used.value.fingerprint,
                minted=grant.minted is not None,
+               stored_fingerprint=(grant.minted.auth.token.fingerprint
+                                   if grant.minted else None),
                scope=grant.minted.scope if grant.minted else None,
                command=self._command_of(chain), peer=peer)
         return grant
@@ -1073,6 +1089,8 @@ class MintService(Worker):
             minted = next((m for m in grant.minted if m.value.reveal() == value), None)
             record("handed-out", registry=_registry_of(variable),
                    fingerprint=Secret(value).fingerprint, minted=minted is not None,
+                   stored_fingerprint=(minted.auth.token.fingerprint
+                                       if minted else None),
                    scope=minted.scope if minted else None, command=command or None,
                    peer=peer)
         return grant
@@ -1214,6 +1232,7 @@ def mint_for_job(
         minted = next((m for m in grant.minted if m.value.reveal() == value), None)
         record("handed-out", registry=_registry_of(variable),
                fingerprint=Secret(value).fingerprint, minted=minted is not None,
+               stored_fingerprint=minted.auth.token.fingerprint if minted else None,
                scope=minted.scope if minted else None, command=command or None,
                peer=peer)
     return grant

@@ -318,11 +318,11 @@ class NpmTokenApi:
     def _write(
         self, method: str, path: str, auth: Auth, body: dict[str, Any] | None
     ) -> Response:
-        """Send a write; retry a 403 with the password when there is one.
+        """Send a write; retry a refusal with the password when there is one.
 
-        Verdaccio refuses every write made with a read-only token, even
-        revoking that token; the account password authenticates the same
-        request as the user.
+        Verdaccio refuses every write made with a read-only token (403),
+        even revoking that token, and any request with an expired one (401);
+        the account password authenticates the same request as the user.
         """
         headers = {"npm-otp": auth.otp} if auth.otp else {}
         url = self._url(path)
@@ -334,9 +334,17 @@ class NpmTokenApi:
             json_body=body,
             secrets=_secrets(auth),
         )
-        if resp.status != 403 or auth.password is None:
+        if resp.status not in (401, 403) or auth.password is None or wants_otp(resp):
             return resp
-        user = self.whoami(auth.token)
+        # An expired JWT still names its user; a rejected token of another
+        # kind leaves only whoami, which then fails too.
+        claimed = (jwt_claims(auth.token) or {}).get("name")
+        if isinstance(claimed, str) and claimed:
+            user = claimed
+        elif resp.status == 401:
+            return resp
+        else:
+            user = self.whoami(auth.token)
         basic = _basic(user, auth.password)
         log.info(
             "%s: token %s may not write here (read-only?); retrying as %s with "
