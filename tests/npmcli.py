@@ -56,18 +56,37 @@ def npm_adduser(
     npm reads the password with echo off, which needs a terminal, so the
     answers are typed into a pty when each prompt appears.
     """
-    answers = [
-        (b"Username", f"{username}\r".encode()),
-        (b"Password", f"{password}\r".encode()),
-        (b"Email", f"{email}\r".encode()),
-    ]
+    code, _ = on_terminal(
+        ["npm", "adduser", "--registry", registry, "--auth-type=legacy"],
+        cwd,
+        [
+            (b"Username", f"{username}\r".encode()),
+            (b"Password", f"{password}\r".encode()),
+            (b"Email", f"{email}\r".encode()),
+        ],
+        timeout=timeout,
+    )
+    return code
+
+
+def on_terminal(
+    argv: list[str],
+    cwd: Path,
+    answers: list[tuple[bytes, bytes]],
+    *,
+    timeout: float = 60,
+) -> tuple[int, bytes]:
+    """Run ``argv`` on a pseudo-terminal, typing each answer after its prompt.
+
+    Returns the exit code and everything the program wrote to the terminal.
+    """
+    answers = list(answers)
     pid, fd = pty.fork()
     if pid == 0:  # child
         os.chdir(cwd)
-        os.execvp(
-            "npm", ["npm", "adduser", "--registry", registry, "--auth-type=legacy"]
-        )
+        os.execvp(argv[0], argv)
     seen = b""
+    transcript = b""
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -81,6 +100,7 @@ def npm_adduser(
             if not chunk:
                 break
             seen += chunk
+            transcript += chunk
             if answers and answers[0][0] in seen:
                 prompt, answer = answers.pop(0)
                 seen = seen.split(prompt, 1)[1]
@@ -90,7 +110,7 @@ def npm_adduser(
     finally:
         os.close(fd)
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return os.waitstatus_to_exitcode(status), transcript
 
 
 def write_package(

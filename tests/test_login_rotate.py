@@ -18,7 +18,7 @@ import realparts
 from npmguard import audit, paths
 from npmguard.migrate import load_index
 from npmguard.secret import fingerprint
-from tests.npmcli import files_containing, npmguard
+from tests.npmcli import files_containing, npmguard, on_terminal
 
 pytestmark = pytest.mark.usefixtures("keyring_bus")
 
@@ -263,60 +263,20 @@ def test_rotate_exposed_none(home: Path, verdaccio) -> None:  # type: ignore[no-
     assert _stored_token(verdaccio, home) == old
 
 
-def _on_terminal(argv: list[str], cwd: Path, answers: list[tuple[bytes, bytes]],
-                 timeout: float = 60) -> tuple[int, bytes]:
-    """Run ``argv`` on a pseudo-terminal, typing each answer after its prompt."""
-    import pty
-    import select
-    import signal
-    import time
-
-    pid, fd = pty.fork()
-    if pid == 0:  # child
-        os.chdir(cwd)
-        os.execvp(argv[0], argv)
-    seen = b""
-    transcript = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-            transcript += chunk
-            if answers and answers[0][0] in seen:
-                prompt, answer = answers.pop(0)
-                seen = seen.split(prompt, 1)[1]
-                os.write(fd, answer)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), transcript
-
-
-def test_login_prompts_on_terminal(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
+def test_login_promptson_terminal(home: Path, verdaccio) -> None:  # type: ignore[no-untyped-def]
     from tests.npmcli import NPMGUARD
 
     user, pw = _user()
     verdaccio.add_user(user, pw)
 
-    code, transcript = _on_terminal(
+    code, transcript = on_terminal(
         [*NPMGUARD, "login", "--registry", verdaccio.url, "--token-helper", "never"],
         home,
         [(b"Username: ", f"{user}\r".encode()), (b"Password: ", f"{pw}\r".encode())],
     )
 
     assert code == 0, transcript.decode(errors="replace")
-    assert b"no web login" in transcript
+    assert b"has no web login" in transcript
     assert pw.encode() not in transcript
     assert verdaccio.whoami(_stored_token(verdaccio, home)) == user
 
@@ -327,7 +287,7 @@ def test_rotate_asks_password(home: Path, verdaccio) -> None:  # type: ignore[no
     user, pw = _login(verdaccio, home)
     old = _stored_token(verdaccio, home)
 
-    code, transcript = _on_terminal(
+    code, transcript = on_terminal(
         [*NPMGUARD, "rotate", "--registry", verdaccio.url], home,
         [(b"(not stored): ", f"{pw}\r".encode())],
     )

@@ -199,8 +199,7 @@ def _log_in(
         except NotSupportedError as err:
             if args.web:
                 raise
-            print(f"npmguard: no web login ({err}); asking for a user name and "
-                  "password instead", file=sys.stderr)
+            print(f"npmguard: {err}", file=sys.stderr)
     elif args.web:
         raise UsageError("--web cannot be used with --username or --password-stdin")
 
