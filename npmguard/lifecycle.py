@@ -1,4 +1,4 @@
-"""What npmguard knows about each stored token, beyond its value.
+"""The data npmguard keeps about each stored token, besides its value.
 
 The credential index (``credentials.json``, no secrets) has one entry per
 vault name. Tokens that ``npmguard login`` stored, or that were rotated,
@@ -85,7 +85,7 @@ class Managed:
         return max(0.0, ((now or time.time()) - self.issued) / DAY)
 
     def url(self, urls: Mapping[str, str] | None = None) -> str:
-        """The registry URL for API calls: recorded, configured or guessed."""
+        """Return the registry URL for API calls: recorded, configured or guessed."""
         recorded = self.meta.get("url")
         if isinstance(recorded, str) and recorded:
             return recorded
