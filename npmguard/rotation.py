@@ -520,14 +520,17 @@ class Rotator:
             except PasswordRequiredError as err:
                 if auth.password is not None:
                     raise
-                answer = self.ask("password", entry.registry) if self.ask else None
-                if not answer:
-                    raise PasswordRequiredError(
-                        f"{err}; run `npmguard rotate --registry {entry.url()}` in "
-                        "a terminal to type it, or log in again with `npmguard "
-                        "login --store-password`"
-                    ) from err
-                auth = Auth(auth.token, Secret(answer), auth.otp)
+                if self.ask is not None:
+                    answer = self.ask("password", entry.registry)
+                    if not answer:
+                        raise
+                    auth = Auth(auth.token, Secret(answer), auth.otp)
+                    continue
+                raise PasswordRequiredError(
+                    f"{err}; run `npmguard rotate --registry {entry.url()}` in "
+                    "a terminal to type it, or log in again with `npmguard "
+                    "login --store-password`"
+                ) from err
             except OtpRequiredError:
                 answer = self.ask("otp", entry.registry) if self.ask else None
                 if not answer or answer == auth.otp:
