@@ -422,3 +422,20 @@ def test_due_when_expiring() -> None:
 
     assert [e.name for e in chosen] == ["b"]
     assert next_rotation(fresh, 0.0) == pytest.approx(now + 1000 - 0.2 * 1010)
+
+
+def test_exec_registry_without_credential(home: Path) -> None:
+    result = npmguard("exec", "--registry", "http://127.0.0.1:9/", "--", "true",
+                      cwd=home)
+
+    assert result.returncode == 2
+    assert "no credential for //127.0.0.1:9/" in result.stderr
+
+
+def test_exec_registry_plaintext_runs(home: Path, canary) -> None:  # type: ignore[no-untyped-def]
+    (home / ".npmrc").write_text(f"//127.0.0.1:9/:_authToken={canary}\n")
+
+    result = npmguard("exec", "--registry", "http://127.0.0.1:9/", "--", "true",
+                      cwd=home)
+
+    assert result.returncode == 0, result.stderr

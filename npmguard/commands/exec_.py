@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         if job is None:
             job = _job_direct(args.registry, scope, command)
 
+        if args.registry and not job.variables:
+            _require_credential(args.registry)
         env = dict(os.environ)
         env.update(job.variables)
         if not job.has_minted:
@@ -95,6 +97,28 @@ def run(args: argparse.Namespace) -> int:
             return signals.run_child(argv, env)
         finally:
             job.finish()
+
+
+def _require_credential(registry: str) -> None:
+    """Fail when npm would send no credential at all to ``registry``.
+
+    ``--registry`` asks for that registry's credential; running the command
+    without one would fail later with a less clear message from npm. A
+    plaintext or environment-referenced credential is npm's own to send,
+    so only a registry with nothing configured is an error.
+    """
+    from npmguard.inject.resolve import Effective
+    from npmguard.npmrc.nerf import InvalidRegistryError, nerf_dart
+
+    try:
+        nerf = nerf_dart(registry)
+    except InvalidRegistryError as err:
+        raise UsageError(f"--registry: {err}") from None
+    if not Effective(os.environ, Path.cwd()).lookup(registry):
+        raise NpmguardError(
+            f"no credential for {nerf} in the npm config files read from "
+            f"{Path.cwd()}; run `npmguard scan` to see what is configured"
+        )
 
 
 def _missing_command(program: str) -> int | None:
