@@ -70,7 +70,7 @@ class Root:
 
 @dataclass(frozen=True)
 class TokenSettings:
-    """How npmguard treats one registry's tokens."""
+    """The token settings of one registry."""
 
     provider: str = "auto"
     api: str | None = None

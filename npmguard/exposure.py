@@ -5,8 +5,8 @@ token counts as exposed when:
 
 - the daemon or ``secure`` saw it in plaintext again after it was secured
   (the index entry's ``exposed`` field);
-- a config file npm reads, or one under the watched roots, holds it in
-  plaintext now;
+- a config file npm reads, or one under the watched roots, contains it
+  in plaintext now;
 - the file it was secured from was readable by other users or kept in a
   synced folder (it was there in plaintext before);
 - any commit on any ref of that file's git repository added it.

@@ -38,8 +38,8 @@ class Managed:
 
     name: str
     meta: Mapping[str, Any]
-    # The password entry of another index entry that holds the same token
-    # (secured again from a second file): same token, same account.
+    # The password entry of another index entry with the same token (secured
+    # again from a second file). The same token means the same account.
     shared_password: str | None = None
 
     @property

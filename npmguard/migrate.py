@@ -695,7 +695,7 @@ def _finish_restore(store: CredentialStore, names: list[str]) -> None:
 
 @dataclass
 class Added:
-    """What ``add_secured`` did: the new vault name and the lines it replaced."""
+    """The result of ``add_secured``: the new vault name and the lines it replaced."""
 
     name: str
     replaced: list[Finding] = field(default_factory=list)

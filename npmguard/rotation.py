@@ -79,7 +79,7 @@ ProviderFactory = Callable[[Managed], Provider]
 
 
 class RotationError(NpmguardError):
-    """A rotation did not finish; the message says which token is in force."""
+    """A rotation did not finish; the message names the token in force."""
 
 
 class RotationBusyError(RotationError):
@@ -219,8 +219,8 @@ class Rotator:
         )
         _write(record)
         audit.note("minted", registry=entry.registry, provider=record["provider"],
-                     fingerprint=issued.value.fingerprint, reason="rotation",
-                     expires=issued.info.expires)
+                   fingerprint=issued.value.fingerprint, reason="rotation",
+                   expires=issued.info.expires)
         return self._verify_and_swap(entry, provider, record, old, issued.value)
 
     def _verify_and_swap(
@@ -292,9 +292,10 @@ class Rotator:
             # Other entries that hold the same token (secured again from a
             # second file) would keep a revoked value: give them the new one.
             for name, other in index.items():
-                if name != entry.name and other.get("fingerprint") == record[
-                    "old_fingerprint"
-                ] and self.store.get(name) == old:
+                if name == entry.name:
+                    continue
+                same = other.get("fingerprint") == record["old_fingerprint"]
+                if same and self.store.get(name) == old:
                     _store_verified(self.store, name, new)
                     other.update(fingerprint=new.fingerprint, rotated=time.time())
                     log.info("gave the new token to %s too (it held the same token)",
@@ -323,9 +324,9 @@ class Rotator:
         # daemon's state (exposures, failures) is refreshed from it.
         self._invalidate()
         audit.note("rotated", registry=entry.registry, provider=record["provider"],
-                     fingerprint=new.fingerprint,
-                     reason=str(record.get("reason") or ""),
-                     old_fingerprint=record["old_fingerprint"])
+                   fingerprint=new.fingerprint,
+                   reason=str(record.get("reason") or ""),
+                   old_fingerprint=record["old_fingerprint"])
         message = (
             f"rotated the token for {entry.registry}: fingerprint "
             f"{record['old_fingerprint']} -> {new.fingerprint}; "
@@ -350,8 +351,8 @@ class Rotator:
             return True, f"the old token was revoked by {record['revoked_by']}"
         if record.get("old_revoked"):
             audit.note("revoked", registry=entry.registry,
-                         fingerprint=record["old_fingerprint"],
-                         reason="the registry revoked it when rotating")
+                       fingerprint=record["old_fingerprint"],
+                       reason="the registry revoked it when rotating")
             return True, "the registry revoked the old token itself"
         info = TokenInfo(key=record.get("old_key"))
         for attempt in range(1, REVOKE_TRIES + 1):
@@ -361,8 +362,8 @@ class Rotator:
                 )
             except NotSupportedError as err:
                 audit.note("refused", registry=entry.registry,
-                             fingerprint=record["old_fingerprint"],
-                             reason=f"revoke not possible: {err}")
+                           fingerprint=record["old_fingerprint"],
+                           reason=f"revoke not possible: {err}")
                 log.warning("cannot revoke the old token for %s: %s",
                             entry.registry, err)
                 return False, (
@@ -380,7 +381,7 @@ class Rotator:
             record["phase"] = "revoked"
             _write(record)
             audit.note("revoked", registry=entry.registry,
-                         fingerprint=record["old_fingerprint"], reason="rotation")
+                       fingerprint=record["old_fingerprint"], reason="rotation")
             return True, None
         return False, None
 
@@ -397,7 +398,7 @@ class Rotator:
         try:
             provider.revoke(self._auth(entry, old), new, info)
             audit.note("revoked", registry=entry.registry,
-                         fingerprint=new.fingerprint, reason="rotation undone")
+                       fingerprint=new.fingerprint, reason="rotation undone")
         except (RegistryError, OSError) as err:
             log.warning("could not revoke the unused new token for %s "
                         "(fingerprint %s): %s", entry.registry, new.fingerprint, err)
@@ -408,7 +409,7 @@ class Rotator:
     def _keep_only_copy(
         self, entry: Managed, record: dict[str, Any], err: Exception
     ) -> RotationError:
-        """The old token is gone at the registry: keep the new one, whatever it is."""
+        """Keep the new token, whatever it is: the registry revoked the old one."""
         new = require(self.store, entry.name + NEXT_SUFFIX)
         with state_lock():
             _store_verified(self.store, entry.name, new)
@@ -461,8 +462,8 @@ class Rotator:
         if phase == "creating" and pending is None:
             _drop(record)
             audit.note("failed", registry=entry.registry,
-                         fingerprint=record["old_fingerprint"],
-                         reason="rotation killed while creating the new token")
+                       fingerprint=record["old_fingerprint"],
+                       reason="rotation killed while creating the new token")
             return (
                 f"a rotation of {entry.registry} was killed while the registry "
                 "created a new token; the old token is still in use. If the "
@@ -550,7 +551,7 @@ class Rotator:
     ) -> None:
         reason = f"{step}: {err}" if str(err) else step
         audit.note("failed", registry=entry.registry, fingerprint=fingerprint,
-                     reason=f"rotation, {reason}"[:300])
+                   reason=f"rotation, {reason}"[:300])
         # INFO: the caller reports the error itself (stderr, a notification).
         log.info("rotation of %s failed while %s", entry.registry, reason)
 

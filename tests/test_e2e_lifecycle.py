@@ -1,9 +1,9 @@
 """The token lifecycle end to end, as a user runs it on the real Verdaccio.
 
-Log in (the token goes only to the keychain), publish through
-``npmguard exec`` with a token minted for that one command, rotate (the
-old token is refused, the new one works), and check the audit trail, which
-must fail its check once a record is edited.
+Log in, and the token goes only to the keychain. Publish through
+``npmguard exec`` with a token minted for that one command. Rotate: the old
+token is rejected and the new one works. Check the audit trail, which must
+fail its check once a record is edited.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``npmguard login`` and ``npmguard rotate`` against the real Verdaccio and keychain.
 
-Login must leave no token in any file; rotation must leave the new token in
-use and the old one refused by the registry; a failure before the swap
+Login must leave no token in any file. Rotation must leave the new token
+in use and the old one rejected by the registry. A failure before the swap
 must leave the old token in force.
 """
 

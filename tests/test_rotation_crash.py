@@ -1,10 +1,10 @@
 """SIGKILL ``npmguard rotate`` at every step, then check what the next run does.
 
-Each case logs in to the real Verdaccio (so the stored token was made by
-the token API and can be revoked), then runs ``npmguard rotate`` in a child
-through a fault injection fake that SIGKILLs the child the N-th time it
-reaches one step: a registry call, a keychain write, a journal write, the
-index write. After the kill:
+Each case logs in to the real Verdaccio, so the stored token was made by
+the token API and can be revoked. Then it runs ``npmguard rotate`` in a
+child through a fault injection fake. The fake SIGKILLs the child the N-th
+time it reaches one step: a registry call, a keychain write, a journal
+write, the index write. After the kill:
 
 - the token stored under the credential's name works at the registry
   (a rotation never leaves the user without a working token);

@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
 def _require_credential(registry: str) -> None:
     """Fail when npm would send no credential at all to ``registry``.
 
-    ``--registry`` asks for that registry's credential; running the command
-    without one would fail later with a less clear message from npm. A
+    ``--registry`` requests that registry's credential. Running the command
+    without one would fail later, with a less clear message from npm. A
     plaintext or environment-referenced credential is npm's own to send,
     so only a registry with nothing configured is an error.
     """

@@ -22,9 +22,9 @@ from npmguard.registry.base import (
 
 
 def __getattr__(name: str) -> object:
-    # The providers need urllib and ssl (about 20 ms to import); importing
-    # the errors and types above must not load them, because the daemon
-    # and the token path import them without calling any registry.
+    # The providers need urllib and ssl, about 20 ms to import. The daemon
+    # and the token path import the errors and types above without calling
+    # any registry, so those must not load them.
     if name in ("PROVIDERS", "detect_kind", "provider_for"):
         from npmguard.registry import detect
 
